@@ -1,0 +1,49 @@
+"""`lmforge <stage> ...`: thin dispatch to each stage's `main(argv)`; user errors become one line + exit 2."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from lmforge import __version__
+from lmforge.common import LmforgeError
+
+# stage -> (module with main(argv), one-line summary). Later stages add themselves here.
+STAGES = {
+    "tokenizer": ("lmforge.tokenizer.cli", "train, encode, decode and measure byte-level BPE tokenizers"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: lmforge <stage> [options]   (lmforge <stage> --help for each stage)", "", "stages:"]
+    lines += [f"  {name:<12} {summary}" for name, (_, summary) in STAGES.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv[0] == "--version":
+        print(f"lmforge {__version__}")
+        return 0
+    if argv[0] not in STAGES:
+        print(f"lmforge: error: unknown stage {argv[0]!r}\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(STAGES[argv[0]][0])
+    try:
+        return int(module.main(argv[1:]) or 0)
+    except LmforgeError as e:
+        print(f"lmforge {argv[0]}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, permission denied, ...: a message, not a traceback
+        print(f"lmforge {argv[0]}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

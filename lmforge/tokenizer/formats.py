@@ -245,7 +245,7 @@ def _known_encoding_by_hash(path: Path) -> str | None:
     from lmforge import assets
 
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    for name, expected in getattr(assets, "TIKTOKEN_SHA256", {}).items():
+    for name, expected in assets.TIKTOKEN_SHA256.items():
         if expected == digest:
             return name
     return None

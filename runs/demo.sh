@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# lmforge, every stage in order on a CPU. `make demo` runs this inside the project's .venv.
+# Each stage reads what the previous one wrote; outputs land in $DEMO_DIR (default: out/demo).
+set -euo pipefail
+DEMO_DIR=${DEMO_DIR:-out/demo}
+mkdir -p "$DEMO_DIR"
+STDLIB=$(python -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
+
+echo "== 1. Tokenizer: train byte-level BPE on the Python standard library's own source"
+mapfile -t SOURCES < <(python -c "from lmforge.assets import stdlib_source_files as f; print(*f(), sep='\n')")
+lmforge tokenizer train --input "${SOURCES[@]}" --vocab-size 8192 \
+    --special "<|endoftext|>" --out "$DEMO_DIR/tokenizer"
+
+echo "== 1b. Fertility on a file it saw (argparse.py) and a GPT-4 comparison (cl100k_base, fetched once into ~/.cache/lmforge)"
+lmforge tokenizer stats --tokenizer "$DEMO_DIR/tokenizer" --file "$STDLIB/argparse.py" --plot "$DEMO_DIR/token_lengths.png"
+lmforge tokenizer stats --tokenizer cl100k_base --file "$STDLIB/argparse.py" --json \
+    | python -c "import json,sys; s=json.load(sys.stdin); print(f'cl100k_base on argparse.py: {s[\"bytes_per_token\"]:.2f} bytes/token')"
+
+echo "== 1c. Round trip (special-token text stays text unless allowed)"
+TEXT='def greet(name):  # héllo 世界 🤖
+    return f"hi {name}"<|endoftext|>'
+IDS=$(lmforge tokenizer encode --tokenizer "$DEMO_DIR/tokenizer" --text "$TEXT")
+echo "ids: $IDS"
+BACK=$(lmforge tokenizer decode --tokenizer "$DEMO_DIR/tokenizer" --ids "$IDS")
+[ "$BACK" == "$TEXT" ] && echo "round trip OK: $(echo "$IDS" | tr ',' '\n' | wc -l) tokens for ${#TEXT} characters"
+echo "with --allow-special: $(lmforge tokenizer encode --tokenizer "$DEMO_DIR/tokenizer" --text "$TEXT" --allow-special | tr ',' '\n' | tail -1) is <|endoftext|>"
+
+echo "demo finished: outputs in $DEMO_DIR"

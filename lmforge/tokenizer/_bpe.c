@@ -673,8 +673,10 @@ static PyObject *Encoder_decode_bytes(Encoder *e, PyObject *arg) {
         PyObject *it = PySequence_Fast_GET_ITEM(seq, k);
         long long v = PyLong_AsLongLong(it);
         if (v == -1 && PyErr_Occurred()) {
+            int overflow = PyErr_ExceptionMatches(PyExc_OverflowError);
             PyErr_Clear();
-            PyErr_Format(PyExc_ValueError, "token id at position %zd is not an integer", k);
+            PyErr_Format(PyExc_ValueError, overflow ? "token id at position %zd is out of range"
+                                                    : "token id at position %zd is not an integer", k);
             goto fail;
         }
         if (v < 0 || v >= e->n_ids || e->tok_len[v] < 0) {
@@ -718,6 +720,7 @@ static int Encoder_init(Encoder *e, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"tokens", "pairs", "kind", "ignore_merges", "specials", NULL};
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOipO", kwlist, &tokens, &pairs, &kind, &ignore, &specials)) return -1;
     if (kind < 0 || kind > 4) { PyErr_SetString(PyExc_ValueError, "unknown scanner kind"); return -1; }
+    if (e->blob) { PyErr_SetString(PyExc_RuntimeError, "Encoder is already initialised"); return -1; }
     PyObject *tseq = PySequence_Fast(tokens, "tokens must be a list");
     PyObject *sseq = tseq ? PySequence_Fast(specials, "specials must be a list") : NULL;
     if (!sseq) { Py_XDECREF(tseq); return -1; }
@@ -810,7 +813,6 @@ static int Encoder_init(Encoder *e, PyObject *args, PyObject *kw) {
         }
         Py_DECREF(pseq);
     }
-    pthread_mutex_init(&e->cache_lock, NULL);
     Py_DECREF(tseq); Py_DECREF(sseq);
     return 0;
 fail0:

@@ -77,8 +77,18 @@ def compile_pattern(pattern: str) -> regex.Pattern:
 
 
 def split(text: str, pattern: str) -> list[str]:
-    """Reference pre-tokenizer: the pieces of `text` under `pattern` (concatenating them gives `text`)."""
-    return compile_pattern(pattern).findall(text)
+    """Reference pre-tokenizer: the matches of `pattern` and the text between them, in order (HF's
+    Split behaviour "Isolated"), so concatenating the pieces always gives `text` back."""
+    pieces, pos = [], 0
+    for m in compile_pattern(pattern).finditer(text):
+        if m.start() > pos:
+            pieces.append(text[pos : m.start()])
+        if m.end() > m.start():
+            pieces.append(m.group())
+        pos = max(pos, m.end())
+    if pos < len(text):
+        pieces.append(text[pos:])
+    return pieces
 
 
 def split_bytes(data: bytes, pattern: str) -> list[bytes]:

@@ -11,6 +11,14 @@ from lmforge.tokenizer.bpe import has_compiled_core
 needs_core = pytest.mark.skipif(not has_compiled_core(), reason="compiled core not built")
 
 
+def test_compiled_core_is_built_where_a_compiler_exists():
+    """Without this, a failed C build would silently turn every speed claim into the slow path."""
+    import shutil
+
+    if shutil.which("cc") or shutil.which("gcc"):
+        assert has_compiled_core(), "lmforge/tokenizer/_bpe.c did not build; run `pip install -e .` and read the log"
+
+
 @needs_core
 @pytest.mark.parametrize("pattern", ["gpt2", "gpt4", "o200k"])
 def test_compiled_equals_reference(trained, strings, pattern):
@@ -46,6 +54,8 @@ def test_tiktoken_style_ranks_compiled_equals_reference(tiktoken_mod, strings):
 
 def test_batch_equals_single(trained, strings):
     tok = trained["gpt4"]
+    odd = ["lone \ud800 surrogate", "pair \ud83d\ude00", "ok"]
+    assert tok.encode_batch(odd) == [tok.encode(s) for s in odd]
     assert tok.encode_batch(strings, num_threads=2) == [tok.encode(s) for s in strings]
     assert tok.encode_batch(strings[:200], allowed_special="all", num_threads=2) == [
         tok.encode(s, allowed_special="all") for s in strings[:200]]

@@ -62,3 +62,16 @@ def test_pattern_names_and_kinds():
     assert pretokenize.scanner_kind("gpt2") == pretokenize.scanner_kind(pretokenize.TIKTOKEN_R50K_PATTERN) == 1
     assert pretokenize.scanner_kind(r"\w+|\W") == 0
     assert pretokenize.pattern_name(pretokenize.O200K_PATTERN) == "o200k"
+
+
+@pytest.mark.parametrize("pattern", [r"[a-z]+", r"\d", "", r"(?<=a)"])
+def test_custom_patterns_keep_unmatched_text_like_hf(pattern):
+    """HF's Split(behavior=Isolated) keeps the text between matches as pieces; so do we."""
+    pre_tokenizers = pytest.importorskip("tokenizers.pre_tokenizers")
+    from tokenizers import Regex
+
+    hf = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
+    for text in ["hello world, again!", "a1b22c", "", "abc", "ÀB 中 x"]:
+        ours = pretokenize.split(text, pattern)
+        assert "".join(ours) == text
+        assert ours == [p for p, _ in hf.pre_tokenize_str(text)], (pattern, text)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import json
 import os
 import statistics
@@ -132,16 +131,12 @@ def bench_train(docs: list[str], n_bytes: int, args, json_out: Path | None) -> N
 
     from lmforge.tokenizer import train_bpe
 
-    # Same thread count for both: HF trains on rayon's pool (RAYON_NUM_THREADS, set in main); ours gets
-    # num_threads when its train_bpe takes one.
-    ours_kwargs: dict = {}
-    if "num_threads" in inspect.signature(train_bpe).parameters:
-        ours_kwargs["num_threads"] = args.threads
+    # Same thread count for both: HF trains on rayon's pool (RAYON_NUM_THREADS, set in main).
     trained: dict[str, object] = {}
 
     def ours() -> Callable[[], object]:
         def run() -> None:
-            trained["ours"] = train_bpe(docs, vocab_size=TRAIN_VOCAB, pattern="gpt2", **ours_kwargs)
+            trained["ours"] = train_bpe(docs, vocab_size=TRAIN_VOCAB, pattern="gpt2", num_threads=args.threads)
         return run
 
     def peer() -> Callable[[], object]:
@@ -155,30 +150,19 @@ def bench_train(docs: list[str], n_bytes: int, args, json_out: Path | None) -> N
         return run
 
     ours_s, peer_s = interleaved(ours, peer, args.train_repeats, f"train BPE vocab {TRAIN_VOCAB}")
-    ours_tokens = sum(len(ids) for ids in _encode_all(trained["ours"], docs, args.threads))
+    ours_tokens = sum(len(ids) for ids in trained["ours"].encode_batch(docs, num_threads=args.threads))
     peer_tokens = sum(len(e.ids) for e in trained["peer"].encode_batch(docs))
     ours, peer = statistics.median(ours_s), statistics.median(peer_s)
     emit({"bench": "tokenizer_train_bpe", "ours": round(ours, 3), "peer": round(peer, 3),
           "ratio": round(ours / peer, 4), "unit": "s", "higher_is_better": False, "vocab_size": TRAIN_VOCAB,
-          "threads": args.threads, "ours_threads": ours_kwargs.get("num_threads", "library default"),
+          "threads": args.threads,
           "peer_name": f"tokenizers {_version('tokenizers')} BpeTrainer (ByteLevel)",
           "ours_bytes_per_token": round(n_bytes / ours_tokens, 4),
           "peer_bytes_per_token": round(n_bytes / peer_tokens, 4),
-          "ours_vocab": _vocab_size(trained["ours"]), "peer_vocab": trained["peer"].get_vocab_size(),
+          "ours_vocab": trained["ours"].vocab_size, "peer_vocab": trained["peer"].get_vocab_size(),
           "mb": round(n_bytes / 1e6, 3), "docs": len(docs),
           "ours_seconds": [round(s, 4) for s in ours_s], "peer_seconds": [round(s, 4) for s in peer_s]},
          json_out)
-
-
-def _encode_all(tok, docs: list[str], threads: int) -> list[list[int]]:
-    if hasattr(tok, "encode_batch"):
-        return tok.encode_batch(docs, num_threads=threads)
-    return [tok.encode(d) for d in docs]
-
-
-def _vocab_size(tok) -> int | None:
-    size = getattr(tok, "vocab_size", None)
-    return size() if callable(size) else size
 
 
 def _version(module: str) -> str:

@@ -968,7 +968,13 @@ done:
 /* Incremental BPE (as in HF tokenizers and SentencePiece): pair counts, an inverted index pair -> words,
  * and a max-heap with lazy invalidation. Choice: highest count; ties -> smallest (left id, right id). */
 
-typedef struct { int64_t count; int32_t *where; uint32_t nwhere, capwhere; uint64_t key; } PairStat;
+typedef struct {
+    int64_t count;
+    int32_t *where;          /* words that may hold the pair (stale entries are skipped) */
+    uint32_t nwhere, capwhere;
+    uint64_t key;
+    int64_t queued_round;    /* 1 + the merge round in which it was last pushed, to push once a round */
+} PairStat;
 typedef struct { int64_t count; uint64_t key; } TrainItem;
 
 typedef struct {
@@ -1172,12 +1178,11 @@ static PyObject *train_merges(PyObject *self, PyObject *args) {
             free(where);
             for (size_t q = 0; q < ntouched && !T.oom; q++) { /* pairs with c only grew: queue them once */
                 PairStat *s = &T.stats[touched[q]];
-                if (s->count > 0 && !(s->capwhere & 0x80000000u)) {
+                if (s->count > 0 && s->queued_round != done_merges + 1) {
                     th_push(&T, (TrainItem){s->count, s->key});
-                    s->capwhere |= 0x80000000u; /* "queued this round" mark, cleared below */
+                    s->queued_round = done_merges + 1;
                 }
             }
-            for (size_t q = 0; q < ntouched; q++) T.stats[touched[q]].capwhere &= 0x7FFFFFFFu;
         } else {
             best = NULL;
         }

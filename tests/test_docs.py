@@ -1,4 +1,6 @@
-"""Every ```python block in README.md and docs/*.md runs, so the docs cannot drift from the code."""
+"""Every ```python block in README.md and docs/*.md runs, so the docs cannot drift from the code.
+
+Blocks fenced as ```py are signatures and contracts (docs/internals.md), shown but not executed."""
 
 import os
 import re

@@ -11,6 +11,9 @@ from lmforge.common import LmforgeError
 # stage -> (module with main(argv), one-line summary). Later stages add themselves here.
 STAGES = {
     "tokenizer": ("lmforge.tokenizer.cli", "train, encode, decode and measure byte-level BPE tokenizers"),
+    "pretrain": ("lmforge.train.pretrain", "tokenize data and pretrain a Llama-family model (resumable)"),
+    "generate": ("lmforge.textgen", "stream a continuation from a run directory (sampling, stop strings)"),
+    "eval": ("lmforge.eval.cli", "evaluate a run directory (perplexity, ...)"),
 }
 
 

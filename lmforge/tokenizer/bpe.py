@@ -109,6 +109,12 @@ class BPETokenizer:
         except KeyError:
             raise LmforgeError(f"token id {token_id} is out of range (vocabulary has {self.vocab_size} ids)") from None
 
+    def vocab_bytes(self, size: int | None = None) -> list[bytes]:
+        """Every id's bytes, specials included (b"" for an id with none), padded to `size`: the vocabulary
+        as `infer` sees it (stop strings, constrained decoding) without the tokenizer itself."""
+        size = self.vocab_size if size is None else size
+        return [self._id_bytes.get(i, b"") for i in range(size)]
+
     def token_to_id(self, token: bytes | str) -> int | None:
         """Id of an ordinary token (bytes) or a special token (str)."""
         if isinstance(token, str):

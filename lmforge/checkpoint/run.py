@@ -1,0 +1,229 @@
+"""Run directories: save and load a model as an HF checkpoint plus lmforge's own metadata.
+
+    save_run(model, cfg, "runs/tiny", tokenizer=tok, meta={"stage": "pretrain", "metrics": {"loss": 2.1}})
+    model, cfg = load_run("runs/tiny")          # also loads what transformers' save_pretrained writes
+
+Layout (DESIGN.md): config.json (HF Llama), model.safetensors or model-0000k-of-0000n.safetensors shards with
+model.safetensors.index.json, tokenizer.json + tokenizer_config.json, lmforge.json. Weights are safetensors
+only, never unpickled. Every file is written to a temp file beside its target, fsynced, then renamed over it,
+so a crash leaves the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from lmforge import __version__
+from lmforge.checkpoint.hf import expected_hf_shapes, from_hf_state_dict, to_hf_state_dict
+from lmforge.common import LmforgeError, atomic_write_text, read_text_file
+from lmforge.model.config import LlamaConfig
+from lmforge.model.decoder import Llama
+
+CONFIG, WEIGHTS, INDEX, META = "config.json", "model.safetensors", "model.safetensors.index.json", "lmforge.json"
+DEFAULT_SHARD_BYTES = 5 * 2**30  # transformers v4's default max_shard_size
+
+
+# ---- save ----
+
+
+def save_run(model: torch.nn.Module, cfg: LlamaConfig, run_dir: str | os.PathLike, tokenizer: Any = None,
+             meta: dict[str, Any] | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write `model` (a Llama built from `cfg`) as a run directory; returns its path.
+
+    `meta` is merged over lmforge.json's defaults (stage, args, metrics, parent, lmforge_version).
+    `tokenizer` is anything with `.save(dir)` writing tokenizer.json + tokenizer_config.json (BPETokenizer).
+    """
+    run_dir = Path(run_dir)
+    model = _unwrap(model)
+    with torch.device("meta"):
+        expected = expected_hf_shapes(Llama(cfg).state_dict(), cfg.tie_embeddings)
+    tensors = to_hf_state_dict(model.state_dict(), cfg.tie_embeddings)
+    from_hf_state_dict(tensors, expected, where=f"save_run({run_dir})")  # model and cfg must agree
+    tensors = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
+    dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _save_weights(tensors, run_dir, max_shard_bytes)
+    atomic_write_text(run_dir / CONFIG, json.dumps(cfg.to_hf(dtype=dtype), indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save(run_dir)
+    info = {"lmforge_version": __version__, "stage": None, "args": {}, "metrics": {}, "parent": None,
+            **(meta or {})}
+    atomic_write_text(run_dir / META, json.dumps(info, indent=2, default=str) + "\n")
+    return run_dir
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The Llama inside torch.compile's OptimizedModule or DDP's wrapper (whose state-dict keys are prefixed)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
+
+
+def _save_weights(tensors: dict[str, torch.Tensor], run_dir: Path, max_shard_bytes: int) -> None:
+    """One model.safetensors, or HF-style shards + index when larger than max_shard_bytes; stale files removed."""
+    stale = _weight_files(run_dir)
+    shards = _plan_shards(tensors, max_shard_bytes)
+    if len(shards) == 1:
+        _atomic_save_file(tensors, run_dir / WEIGHTS)
+        written = {WEIGHTS}
+    else:
+        n, weight_map = len(shards), {}
+        for i, names in enumerate(shards, 1):
+            fname = f"model-{i:05d}-of-{n:05d}.safetensors"
+            _atomic_save_file({k: tensors[k] for k in names}, run_dir / fname)
+            weight_map.update(dict.fromkeys(names, fname))
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        atomic_write_text(run_dir / INDEX, json.dumps(index, indent=2) + "\n")
+        written = {INDEX, *weight_map.values()}
+    for fname in stale - written:  # only after the new weights are complete
+        with contextlib.suppress(FileNotFoundError):
+            (run_dir / fname).unlink()
+
+
+def _plan_shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
+    """Greedy split in name order, as transformers does: a new shard when the next tensor would overflow."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def _weight_files(run_dir: Path) -> set[str]:
+    """Weight files a previous save left in run_dir (single file, index, and the shards the index names)."""
+    files = {f for f in (WEIGHTS, INDEX) if (run_dir / f).exists()}
+    if INDEX in files:
+        with contextlib.suppress(LmforgeError):
+            files |= set(_read_index(run_dir).values())
+    return files
+
+
+def _atomic_save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors `save_file` to a temp path in the same directory, fsync, then rename over `path`."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt"})  # transformers refuses files without format=pt
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+# ---- load ----
+
+
+def load_config(run_dir: str | os.PathLike) -> LlamaConfig:
+    """The model config of a run directory (HF config.json, v4 or v5 layout)."""
+    run_dir = _existing_dir(run_dir)
+    return LlamaConfig.from_hf(_read_json(run_dir / CONFIG))
+
+
+def read_meta(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """lmforge.json of a run directory ({} for a checkpoint lmforge did not write)."""
+    path = _existing_dir(run_dir) / META
+    return _read_json(path) if path.exists() else {}
+
+
+def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
+             dtype: torch.dtype | None = None) -> tuple[Llama, LlamaConfig]:
+    """Build the Llama a run directory describes and fill it with its weights; returns (model, cfg) in eval mode.
+
+    The model is built on the meta device (no random init of weights about to be overwritten), then the loaded
+    tensors are assigned in place. `dtype` casts the weights (default: as stored).
+    """
+    run_dir = _existing_dir(run_dir)
+    cfg = load_config(run_dir)
+    tensors = load_tensors(run_dir, device=device)
+    with torch.device("meta"):
+        model = Llama(cfg)
+    state = from_hf_state_dict(tensors, expected_hf_shapes(model.state_dict(), cfg.tie_embeddings),
+                               where=str(run_dir))
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)  # names checked above; a tied head is re-tied below
+    model.tie_weights()
+    model.reset_rope(device)
+    return model.eval(), cfg
+
+
+def load_tensors(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of a run directory's weights by HF name, single-file or sharded."""
+    run_dir = _existing_dir(run_dir)
+    if (run_dir / WEIGHTS).exists():
+        return _read_safetensors(run_dir / WEIGHTS, device)
+    if (run_dir / INDEX).exists():
+        weight_map = _read_index(run_dir)
+        tensors: dict[str, torch.Tensor] = {}
+        for fname in sorted(set(weight_map.values())):
+            tensors.update(_read_safetensors(run_dir / fname, device))
+        absent = sorted(n for n, f in weight_map.items() if n not in tensors)
+        if absent:
+            raise LmforgeError(f"{run_dir / INDEX} lists tensors its shards do not hold: {', '.join(absent[:4])}")
+        return tensors
+    if any(run_dir.glob("*.bin")) or any(run_dir.glob("*.pt")):
+        raise LmforgeError(f"{run_dir} has only pickle weights (.bin/.pt); lmforge reads safetensors only "
+                           f"(convert with transformers: save_pretrained(..., safe_serialization=True))")
+    raise LmforgeError(f"no weights in {run_dir}: expected {WEIGHTS} or {INDEX}")
+
+
+def _read_safetensors(path: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise LmforgeError(f"weights file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            return {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise LmforgeError(f"corrupt or truncated safetensors file {path}: {_one_line(e)}") from None
+
+
+def _read_index(run_dir: Path) -> dict[str, str]:
+    index = _read_json(run_dir / INDEX)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise LmforgeError(f"{run_dir / INDEX} has no valid 'weight_map'")
+    if any(Path(f).name != f for f in weight_map.values()):
+        raise LmforgeError(f"{run_dir / INDEX} names shard files outside the run directory")
+    return weight_map
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(read_text_file(path))
+    except json.JSONDecodeError as e:
+        raise LmforgeError(f"invalid JSON in {path}: {e}") from None
+
+
+def _existing_dir(run_dir: str | os.PathLike) -> Path:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise LmforgeError(f"run directory not found: {run_dir}")
+    return run_dir
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text[:300] or type(e).__name__

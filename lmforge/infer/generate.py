@@ -1,0 +1,108 @@
+"""Autoregressive generation with a KV cache (gpt-fast style): prefill the prompt once, then one cheap
+decode step per new token. `generate` is a generator of ids so callers can stream; it never sees text.
+
+Batched prompts of different lengths are left-padded; each row keeps its own positions 0..L_b-1 (padding
+gets position -1 and is never written to the cache), so every row computes exactly what it would alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from lmforge.common import LmforgeError
+from lmforge.infer.kv_cache import KVCache
+from lmforge.infer.sampling import SamplingParams, make_generator, process_logits, sample
+from lmforge.infer.stopping import StopChecker
+
+
+def prefill(model: torch.nn.Module, ids: torch.Tensor, input_pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Run the whole (left-padded) prompt through the model, filling the cache; logits of the last column."""
+    return model(ids, input_pos=input_pos, cache=cache)[:, -1]  # (B, V)
+
+
+def decode_step(model: torch.nn.Module, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """One new token per row: ids (B,), pos (B,) -> logits (B, V)."""
+    return model(ids[:, None], input_pos=pos[:, None], cache=cache)[:, -1]
+
+
+def _pack_prompts(prompts: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-pad prompts: ids (B, T), positions (B, T) with -1 on padding, lengths (B,)."""
+    lengths = [len(p) for p in prompts]
+    if not prompts or min(lengths) == 0:
+        raise LmforgeError("every prompt needs at least one token")
+    B, T = len(prompts), max(lengths)
+    ids = torch.zeros(B, T, dtype=torch.long)
+    pos = torch.full((B, T), -1, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, T - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        pos[b, T - len(p):] = torch.arange(len(p))
+        ids[b, : T - len(p)] = p[0]  # padding repeats a real token: harmless for repetition penalties
+    return ids.to(device), pos.to(device), torch.tensor(lengths, device=device)
+
+
+@torch.inference_mode()
+def generate_batch(model: torch.nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None,
+                   *, eos_token_id: int | None = None, token_bytes: Sequence[bytes] | None = None
+                   ) -> Iterator[list[int | None]]:
+    """Yield one list per step: the new id of each row, or None for a row that has already finished.
+
+    A row finishes on `eos_token_id`, on one of `params.stop_token_ids`, or when one of `params.stop`
+    strings completes (needs `token_bytes`, the vocabulary as bytes), or after `params.max_new_tokens`.
+    """
+    params = params or SamplingParams()
+    cfg = model.cfg
+    vocab = cfg.vocab_size
+    device = next(model.parameters()).device
+    ids, pos, lengths = _pack_prompts(prompts, device)
+    if int(ids.max()) >= vocab or int(ids.min()) < 0:
+        raise LmforgeError(f"prompt has token ids outside the model's vocabulary (0..{vocab - 1})")
+    B, T = ids.shape
+    n_new = params.max_new_tokens
+    if T + n_new > cfg.max_seq_len:
+        raise LmforgeError(f"prompt ({T} tokens) + max_new_tokens ({n_new}) exceeds the model's context "
+                           f"({cfg.max_seq_len})")
+    if params.stop and token_bytes is None:
+        raise LmforgeError("stop strings need the vocabulary as bytes (token_bytes)")
+    cache = KVCache(cfg, B, T + n_new, dtype=next(model.parameters()).dtype, device=device)
+    generator = make_generator(params.seed, device)
+    stop_ids = set(params.stop_token_ids or ()) | ({eos_token_id} if eos_token_id is not None else set())
+    checkers = [StopChecker(params.stop, token_bytes, ()) for _ in range(B)] if params.stop else None
+    # Penalty state, kept only when a penalty is on (greedy decoding pays nothing for it):
+    track_history = params.repetition_penalty != 1.0
+    track_counts = params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
+    history = ids if track_history else None  # (B, T + steps): prompt and output, for the repetition penalty
+    counts = torch.zeros(B, vocab, dtype=torch.long, device=device) if track_counts else None  # output tokens
+    rows = torch.arange(B, device=device)
+    finished = [False] * B
+    logits = prefill(model, ids, pos, cache)
+    next_pos = lengths.clone()
+    for _ in range(n_new):
+        new = sample(process_logits(logits.float(), params, history, counts), params, generator)  # (B,)
+        out: list[int | None] = []
+        for b, t in enumerate(new.tolist()):
+            if finished[b]:
+                out.append(None)
+                continue
+            out.append(t)
+            if t in stop_ids or (checkers is not None and checkers[b].feed(t).stopped):
+                finished[b] = True
+        if counts is not None:
+            counts[rows, new] += 1
+        if history is not None:
+            history = torch.cat([history, new[:, None]], dim=1)
+        yield out
+        if all(finished):
+            return
+        logits = decode_step(model, new, next_pos, cache)
+        next_pos += 1
+
+
+def generate(model: torch.nn.Module, prompt_ids: Sequence[int], params: SamplingParams | None = None, *,
+             eos_token_id: int | None = None, token_bytes: Sequence[bytes] | None = None) -> Iterator[int]:
+    """Stream the new ids for one prompt (the prompt itself is not repeated)."""
+    for step in generate_batch(model, [prompt_ids], params, eos_token_id=eos_token_id, token_bytes=token_bytes):
+        if step[0] is None:
+            return
+        yield step[0]

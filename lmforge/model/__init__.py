@@ -1,0 +1,10 @@
+"""Model architectures: one family per file, read top to bottom (config -> layers -> attention -> decoder).
+
+    from lmforge.model import Llama, LlamaConfig, PRESETS
+    model = Llama(PRESETS["llama-15m"])
+"""
+
+from lmforge.model.config import PRESETS, LlamaConfig, flops_per_token, n_params, suggested_lr
+from lmforge.model.decoder import Llama
+
+__all__ = ["PRESETS", "Llama", "LlamaConfig", "flops_per_token", "n_params", "suggested_lr"]

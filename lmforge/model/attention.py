@@ -1,0 +1,54 @@
+"""Causal self-attention with rotary embeddings: multi-head, grouped-query and multi-query by `n_kv_heads`.
+
+n_kv_heads == n_heads is MHA (Vaswani et al. 2017), 1 is MQA (Shazeer 2019), in between GQA (Ainslie et al.
+2023): each group of n_heads // n_kv_heads query heads shares one key/value head. Projections are named as in
+HF `LlamaAttention` (q_proj, k_proj, v_proj, o_proj) so checkpoints map one to one.
+
+Two paths: without a cache, SDPA with `is_causal=True` (the training fast path, no mask tensor built); with a
+cache (see docs/internals.md, "The KV-cache hook"), keys and values go through `cache.update` and the
+boolean mask from `cache.attn_mask` decides what each query sees.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.model.config import LlamaConfig
+from lmforge.model.layers import apply_rotary
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx  # the cache's slot for this layer's keys and values
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Any = None,
+                input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, C); cos/sin (T, 1, D/2) or (B, T, 1, D/2); mask (B, 1, T, S) bool, only with a cache."""
+        B, T, _ = x.shape
+        # Rotate in the (B, T, H, D) layout the projection produces, then view heads-first for SDPA: the
+        # transposes are free strides, no copies.
+        q = apply_rotary(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
+        k = apply_rotary(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, input_pos, k, v)  # (B, Hkv, S, D)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self._gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self._gqa)  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    @property
+    def _gqa(self) -> bool:
+        # SDPA broadcasts each kv head over its query group itself (checked equal to repeat_interleave on CPU
+        # in tests/model/test_attention.py), so no (B, H, S, D) copies of the keys and values are made.
+        return self.n_kv_heads != self.n_heads

@@ -1,0 +1,124 @@
+"""The Llama decoder: token embedding -> n pre-norm blocks -> final RMSNorm -> output head.
+
+    model = Llama(LlamaConfig.from_depth(6, vocab_size=8192))
+    logits = model(idx)                                     # (B, T) int64 -> (B, T, V) float32, causal
+    logits = model(idx, input_pos=pos, cache=cache)         # cached decoding, see docs/internals.md
+
+Module names follow HF `LlamaForCausalLM` minus its `model.` prefix (embed_tokens, layers.{i}.self_attn.q_proj,
+..., norm, lm_head), so the checkpoint name map (lmforge/checkpoint/hf.py) only adds or strips that prefix and
+LoRA targets ("q_proj", "v_proj", ...) mean the same thing as in PEFT.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmforge.common import LmforgeError
+from lmforge.model.attention import Attention
+from lmforge.model.config import LlamaConfig
+from lmforge.model.layers import RMSNorm, SwiGLU, rope_tables
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)) (as in GPT-2, Llama)."""
+
+    def __init__(self, cfg: LlamaConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.dim, cfg.ffn_dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Any = None,
+                input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, input_pos, mask)  # (B, T, C)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.tie_weights()
+        # RoPE tables: derived from cfg, so non-persistent (never saved); fp32 whatever the model dtype.
+        cos, sin = rope_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (S_max, D/2)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+
+    def tie_weights(self) -> None:
+        """Share the embedding matrix with the output head when cfg.tie_embeddings (Press & Wolf 2017)."""
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def reset_rope(self, device: torch.device | str | None = None) -> None:
+        """Recompute the RoPE tables in fp32 (after building on the meta device, or after a cast to bf16)."""
+        device = self.embed_tokens.weight.device if device is None else device
+        cos, sin = rope_tables(self.cfg.max_seq_len, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling,
+                               device=device)
+        self.rope_cos, self.rope_sin = cos, sin  # assignment to a registered buffer name stays a buffer
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """GPT-2 init (Radford et al. 2019; nanoGPT `_init_weights`): N(0, 0.02) for matrices and embeddings,
+        N(0, 0.02 / sqrt(2 * n_layers)) for the projections that write into the residual stream (o_proj,
+        down_proj), so the residual's variance does not grow with depth. Norm weights start at 1."""
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, Block):
+            std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
+            nn.init.normal_(module.self_attn.o_proj.weight, mean=0.0, std=std)
+            nn.init.normal_(module.mlp.down_proj.weight, mean=0.0, std=std)
+        # `apply` visits children before parents: a Block's projections get 0.02 first, then the scaled std.
+
+    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, cache: Any = None) -> torch.Tensor:
+        """idx (B, T) int64 -> logits (B, T, V) float32.
+
+        input_pos (B, T) int64 gives each token's absolute position (negative = left padding); required with a
+        cache, optional without (default 0..T-1, and attention stays plain causal over the T tokens).
+        """
+        self._check_inputs(idx, input_pos, cache)
+        if self.rope_cos.dtype != torch.float32:  # a model.to(bfloat16) cast the tables: rebuild at full precision
+            self.reset_rope(self.rope_cos.device)
+        cos, sin = self._rope(idx.shape[1], input_pos)
+        mask = cache.attn_mask(input_pos) if cache is not None else None  # (B, 1, T, S), once per forward
+        x = self.embed_tokens(idx)  # (B, T, C)
+        for block in self.layers:
+            x = block(x, cos, sin, cache, input_pos, mask)
+        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        return logits.float()
+
+    def _rope(self, T: int, input_pos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for the tokens: (T, 1, D/2) for positions 0..T-1, else gathered per row (B, T, 1, D/2)."""
+        if input_pos is None:
+            return self.rope_cos[:T, None, :], self.rope_sin[:T, None, :]
+        pos = input_pos.clamp(min=0)  # padding tokens (negative positions) get position 0; their output is unused
+        return self.rope_cos[pos].unsqueeze(2), self.rope_sin[pos].unsqueeze(2)
+
+    def _check_inputs(self, idx: torch.Tensor, input_pos: torch.Tensor | None, cache: Any) -> None:
+        if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int64, torch.int32):
+            got = idx.dtype if isinstance(idx, torch.Tensor) else type(idx).__name__
+            raise LmforgeError(f"Llama expects token ids as an int64 tensor (B, T), got {got}")
+        if idx.dim() != 2 or idx.shape[1] == 0:
+            raise LmforgeError(f"Llama expects token ids of shape (B, T) with T >= 1, got {tuple(idx.shape)}")
+        if input_pos is None:
+            if cache is not None:
+                raise LmforgeError("Llama: a KV cache needs input_pos (B, T), the absolute position of each token")
+            if idx.shape[1] > self.cfg.max_seq_len:
+                raise LmforgeError(f"sequence length {idx.shape[1]} exceeds max_seq_len {self.cfg.max_seq_len}")
+            return
+        if input_pos.shape != idx.shape or input_pos.dtype not in (torch.int64, torch.int32):
+            raise LmforgeError(f"input_pos must be an integer tensor shaped like idx {tuple(idx.shape)}, got "
+                               f"{input_pos.dtype} {tuple(input_pos.shape)}")
+        if not torch.compiler.is_compiling() and int(input_pos.max()) >= self.cfg.max_seq_len:
+            raise LmforgeError(f"position {int(input_pos.max())} exceeds max_seq_len {self.cfg.max_seq_len}")

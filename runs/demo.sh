@@ -25,4 +25,23 @@ BACK=$(lmforge tokenizer decode --tokenizer "$DEMO_DIR/tokenizer" --ids "$IDS")
 [ "$BACK" == "$TEXT" ] && echo "round trip OK: $(echo "$IDS" | tr ',' '\n' | wc -l) tokens for ${#TEXT} characters"
 echo "with --allow-special: $(lmforge tokenizer encode --tokenizer "$DEMO_DIR/tokenizer" --text "$TEXT" --allow-special | tr ',' '\n' | tail -1) is <|endoftext|>"
 
+echo "== 2. Pretrain a small Llama on the same source for a few minutes (2 CPU cores; resumable with --resume)"
+lmforge pretrain --data "${SOURCES[@]}" --tokenizer "$DEMO_DIR/tokenizer" --depth 4 --out "$DEMO_DIR/model" \
+    --time-budget "${PRETRAIN_BUDGET:-4m}" --batch-size 16 --seq-len 128 --eval-every 100 --save-every 100 \
+    --eval-tokens 65536
+echo "loss curve: $DEMO_DIR/model/loss.png (metrics: $DEMO_DIR/model/metrics.jsonl)"
+
+echo "== 2b. Validation perplexity, next to a unigram baseline (token frequencies of the training split)"
+lmforge eval perplexity --model "$DEMO_DIR/model" --data "$DEMO_DIR/model/data" --json | python -c "
+import json, sys
+s = json.load(sys.stdin)
+meta = json.load(open('$DEMO_DIR/model/lmforge.json'))
+base = meta['metrics']['unigram_perplexity']
+print(f'model perplexity {s[\"perplexity\"]:.1f} vs unigram baseline {base:.1f} ({base / s[\"perplexity\"]:.1f}x better)')"
+
+echo "== 2c. Generate (greedy, then sampled with a seed)"
+lmforge generate --model "$DEMO_DIR/model" --prompt "def " --max-new-tokens 48 --temperature 0
+lmforge generate --model "$DEMO_DIR/model" --prompt "import os" --max-new-tokens 48 --temperature 0.8 \
+    --top-p 0.95 --seed 0
+
 echo "demo finished: outputs in $DEMO_DIR"

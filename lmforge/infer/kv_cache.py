@@ -71,15 +71,19 @@ class KVCache:
         """
         self._check_pos(input_pos)
         self.written.scatter_(1, self._slot_index(input_pos), True)
-        written = self.written[:, None, None, : self.max_len]  # (B, 1, 1, S)
+        # Only slots up to the largest position in this forward can be attended: attend over that prefix, so a
+        # decode step costs O(tokens so far), not O(max_len).
+        self._active = max(1, int(input_pos.max()) + 1)
+        written = self.written[:, None, None, : self._active]  # (B, 1, 1, S)
         pos = input_pos[:, None, :, None]  # (B, 1, T, 1)
-        mask = written & (self._slots <= pos)  # (B, 1, T, S)
+        mask = written & (self._slots[: self._active] <= pos)  # (B, 1, T, S)
         mask[..., 0] |= pos[..., 0] < 0
         return mask
 
     def update(self, layer_idx: int, input_pos: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, H_kv, T, D) at slot == position per row; return all S slots (B, H_kv, S, D)."""
+        """Write k, v (B, H_kv, T, D) at slot == position per row; return the active slots (B, H_kv, S, D),
+        S = 1 + the largest position of this forward (as set by `attn_mask`)."""
         B, H, T, D = k.shape
         if (B, H, D) != (self.batch_size, self.n_kv_heads, self.head_dim) or input_pos.shape != (B, T):
             raise LmforgeError(f"KVCache(batch={self.batch_size}, kv_heads={self.n_kv_heads}, "
@@ -88,7 +92,8 @@ class KVCache:
         k_cache, v_cache = self.k[layer_idx], self.v[layer_idx]
         k_cache.scatter_(2, index, k.to(k_cache.dtype))
         v_cache.scatter_(2, index, v.to(v_cache.dtype))
-        return k_cache[:, :, : self.max_len], v_cache[:, :, : self.max_len]
+        active = getattr(self, "_active", self.max_len)
+        return k_cache[:, :, :active], v_cache[:, :, :active]
 
     def _check_pos(self, input_pos: torch.Tensor) -> None:
         if input_pos.dim() != 2 or input_pos.shape[0] != self.batch_size:

@@ -21,6 +21,24 @@ from lmforge.model.config import LlamaConfig
 from lmforge.model.layers import apply_rotary
 
 
+SMALL_QUERY = 8  # decode steps (and short appends) take the explicit path below
+
+
+def small_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D) + mask) v for a few queries against a cache: q (B, H, T, D), k/v (B, Hkv, S, D),
+    mask (B, 1, T, S) bool -> (B, H, T, D). The same math as SDPA, but for T of 1 two small matmuls beat SDPA's
+    CPU flash kernel, which pays ~10 ms per call to set up a masked tile loop. Query heads are grouped onto
+    their kv head by a view (GQA), so keys and values are never copied."""
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = H // Hkv
+    qg = q.reshape(B, Hkv, G * T, D)  # heads h = kv * G + g, as repeat_interleave would pair them
+    scores = (qg @ k.transpose(-1, -2)).view(B, Hkv, G, T, S) * D**-0.5
+    scores = scores.masked_fill(~mask[:, :, None], float("-inf"))  # mask (B, 1, 1, T, S)
+    y = scores.softmax(dim=-1).view(B, Hkv, G * T, S) @ v  # (B, Hkv, G*T, D)
+    return y.view(B, H, T, D)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig, layer_idx: int):
         super().__init__()
@@ -42,7 +60,10 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         if cache is not None:
             k, v = cache.update(self.layer_idx, input_pos, k, v)  # (B, Hkv, S, D)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self._gqa)
+            if T <= SMALL_QUERY:
+                y = small_query_attention(q, k, v, mask)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self._gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self._gqa)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))

@@ -68,20 +68,22 @@ def test_batched_left_padding_with_per_row_positions(model):
 
 
 def test_attn_mask_semantics():
+    """The mask spans the active prefix: slots 0..(largest position in this forward)."""
     cache = KVCache((1, 1, 4), batch_size=2, max_len=6)
     pos = torch.tensor([[-1, 0, 1], [0, 1, 2]])
     mask = cache.attn_mask(pos)
-    assert mask.shape == (2, 1, 3, 6) and mask.dtype == torch.bool
-    expect0 = torch.tensor([[1, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0]], dtype=torch.bool)
-    expect1 = torch.tensor([[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    assert mask.shape == (2, 1, 3, 3) and mask.dtype == torch.bool
+    expect0 = torch.tensor([[1, 0, 0], [1, 0, 0], [1, 1, 0]], dtype=torch.bool)
+    expect1 = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 1, 1]], dtype=torch.bool)
     assert torch.equal(mask[0, 0], expect0) and torch.equal(mask[1, 0], expect1)
     # Next step: row 0 at position 2, row 1 at 3; unwritten slots stay closed.
     mask = cache.attn_mask(torch.tensor([[2], [3]]))
-    assert mask[0, 0, 0].tolist() == [True, True, True, False, False, False]
-    assert mask[1, 0, 0].tolist() == [True, True, True, True, False, False]
+    assert mask.shape == (2, 1, 1, 4)
+    assert mask[0, 0, 0].tolist() == [True, True, True, False]
+    assert mask[1, 0, 0].tolist() == [True, True, True, True]
     # A padding query in a row with nothing written still has exactly one True (slot 0).
     fresh = KVCache((1, 1, 4), batch_size=1, max_len=4)
-    assert fresh.attn_mask(torch.tensor([[-1]]))[0, 0, 0].tolist() == [True, False, False, False]
+    assert fresh.attn_mask(torch.tensor([[-1]]))[0, 0, 0].tolist() == [True]
 
 
 def test_update_writes_at_position_and_skips_padding():
@@ -107,8 +109,7 @@ def test_reset_and_n_bytes():
     assert cache.written.any()
     cache.reset()
     assert not cache.written.any()
-    assert cache.attn_mask(torch.tensor([[1], [1]]))[0, 0, 0].tolist() == [False, True, False, False, False, False,
-                                                                            False]
+    assert cache.attn_mask(torch.tensor([[1], [1]]))[0, 0, 0].tolist() == [False, True]  # slot 0 forgotten
 
 
 def test_errors():

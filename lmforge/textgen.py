@@ -15,7 +15,7 @@ import torch
 
 from lmforge.checkpoint.run import load_run
 from lmforge.common import LmforgeError, pick_device
-from lmforge.infer.generate import generate
+from lmforge.infer.generate import eos_ids, generate
 from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.stopping import StopChecker, Utf8Stream
 from lmforge.tokenizer import BPETokenizer, load_tokenizer
@@ -37,7 +37,7 @@ def stream_text(model: torch.nn.Module, tok: BPETokenizer, prompt: str, params: 
     if cfg.bos_token_id is not None:
         ids = [cfg.bos_token_id, *ids]
     table = tok.vocab_bytes(cfg.vocab_size)
-    checker = StopChecker(params.stop, table, ())
+    checker = StopChecker(params.stop, table, eos_ids(cfg.eos_token_id))  # eos ends the text, unprinted
     utf8 = Utf8Stream()
     for t in generate(model, ids, params, eos_token_id=cfg.eos_token_id, token_bytes=table):
         result = checker.feed(t)

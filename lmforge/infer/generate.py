@@ -42,9 +42,16 @@ def _pack_prompts(prompts: Sequence[Sequence[int]], device) -> tuple[torch.Tenso
     return ids.to(device), pos.to(device), torch.tensor(lengths, device=device)
 
 
+def eos_ids(eos_token_id: int | Sequence[int] | None) -> list[int]:
+    """A config's eos id(s) as a list (Llama 3 configs give several)."""
+    if eos_token_id is None:
+        return []
+    return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+
+
 @torch.inference_mode()
 def generate_batch(model: torch.nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None,
-                   *, eos_token_id: int | None = None, token_bytes: Sequence[bytes] | None = None
+                   *, eos_token_id: int | Sequence[int] | None = None, token_bytes: Sequence[bytes] | None = None
                    ) -> Iterator[list[int | None]]:
     """Yield one list per step: the new id of each row, or None for a row that has already finished.
 
@@ -67,7 +74,7 @@ def generate_batch(model: torch.nn.Module, prompts: Sequence[Sequence[int]], par
         raise LmforgeError("stop strings need the vocabulary as bytes (token_bytes)")
     cache = KVCache(cfg, B, T + n_new, dtype=next(model.parameters()).dtype, device=device)
     generator = make_generator(params.seed, device)
-    stop_ids = set(params.stop_token_ids or ()) | ({eos_token_id} if eos_token_id is not None else set())
+    stop_ids = set(params.stop_token_ids or ()) | set(eos_ids(eos_token_id))
     checkers = [StopChecker(params.stop, token_bytes, ()) for _ in range(B)] if params.stop else None
     # Penalty state, kept only when a penalty is on (greedy decoding pays nothing for it):
     track_history = params.repetition_penalty != 1.0
@@ -78,7 +85,7 @@ def generate_batch(model: torch.nn.Module, prompts: Sequence[Sequence[int]], par
     finished = [False] * B
     logits = prefill(model, ids, pos, cache)
     next_pos = lengths.clone()
-    for _ in range(n_new):
+    for step in range(n_new):
         new = sample(process_logits(logits.float(), params, history, counts), params, generator)  # (B,)
         out: list[int | None] = []
         for b, t in enumerate(new.tolist()):
@@ -93,14 +100,15 @@ def generate_batch(model: torch.nn.Module, prompts: Sequence[Sequence[int]], par
         if history is not None:
             history = torch.cat([history, new[:, None]], dim=1)
         yield out
-        if all(finished):
+        if all(finished) or step == n_new - 1:
             return
         logits = decode_step(model, new, next_pos, cache)
         next_pos += 1
 
 
 def generate(model: torch.nn.Module, prompt_ids: Sequence[int], params: SamplingParams | None = None, *,
-             eos_token_id: int | None = None, token_bytes: Sequence[bytes] | None = None) -> Iterator[int]:
+             eos_token_id: int | Sequence[int] | None = None,
+             token_bytes: Sequence[bytes] | None = None) -> Iterator[int]:
     """Stream the new ids for one prompt (the prompt itself is not repeated)."""
     for step in generate_batch(model, [prompt_ids], params, eos_token_id=eos_token_id, token_bytes=token_bytes):
         if step[0] is None:

@@ -20,7 +20,6 @@ from torch import nn
 from lmforge.model.config import LlamaConfig
 from lmforge.model.layers import apply_rotary
 
-
 SMALL_QUERY = 8  # decode steps (and short appends) take the explicit path below
 
 

@@ -4,9 +4,12 @@
 
 Config: `LlamaConfig.from_depth(6, 8192)` (dim 384, 6 layers, 6 heads, ~17M params), fp32 on CPU. One step is
 forward + cross-entropy + backward + AdamW (fused where torch supports it on this device, else foreach; the
-same for both). The peer loads the very checkpoint `save_run` wrote (so its weights are ours) with its SDPA
-attention and `use_cache=False` (no KV cache built during training: its fastest training setup), and both
-compute the same loss on their logits. Before timing, the two models' logits and first-step losses must agree.
+same for both). Each model computes the loss its own normal training way: ours `model(x, targets=y)`, the fused
+chunked head + cross-entropy (lmforge/model/losses.py) that never forms the (B, T, V) logits; the peer
+`model(input_ids=x, labels=y)`, logits then `ForCausalLMLoss`, with `shift_labels=y` because the batch is
+already shifted (so both score exactly the same targets). The peer loads the very checkpoint `save_run` wrote
+(so its weights are ours) with its SDPA attention and `use_cache=False` (no KV cache built during training: its
+fastest training setup). Before timing, the two models' logits and first-step losses must agree.
 
 Every measurement runs in this one process with the same thread count, ours and the peer alternating
 (A B A B ...) so drift in machine load hits both; warmup steps are excluded; medians are reported. Two phases:
@@ -31,7 +34,6 @@ import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from lmforge.checkpoint import save_run
 from lmforge.common import cpu_count, require
@@ -50,10 +52,9 @@ def make_optimizer(model: torch.nn.Module, lr: float) -> tuple[torch.optim.Optim
         return torch.optim.AdamW(model.parameters(), lr=lr, foreach=True), "foreach"
 
 
-def train_step(forward: Callable[[torch.Tensor], torch.Tensor], opt: torch.optim.Optimizer, x: torch.Tensor,
-               y: torch.Tensor) -> float:
-    logits = forward(x)  # (B, T, V)
-    loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1))
+def train_step(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], opt: torch.optim.Optimizer,
+               x: torch.Tensor, y: torch.Tensor) -> float:
+    loss = loss_fn(x, y)  # mean cross-entropy over the B*T targets
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -148,8 +149,9 @@ def main(argv: list[str] | None = None) -> dict:
     opt_ours, kind = make_optimizer(ours, 1e-4)
     opt_peer, _ = make_optimizer(peer, 1e-4)
     runners = {
-        "ours": lambda b: train_step(ours, opt_ours, *b),
-        "peer": lambda b: train_step(lambda x: peer(input_ids=x, use_cache=False).logits, opt_peer, *b),
+        "ours": lambda b: train_step(lambda x, y: ours(x, targets=y), opt_ours, *b),
+        "peer": lambda b: train_step(lambda x, y: peer(input_ids=x, labels=y, shift_labels=y, use_cache=False).loss,
+                                     opt_peer, *b),
     }
     first = {name: run(batches[0]) for name, run in runners.items()}  # step 1 from identical weights
     log(f"first-step losses: {first}")
@@ -183,6 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
         "peer_name": f"transformers {require('transformers').__version__} LlamaForCausalLM (sdpa)",
         "params": n_params(cfg), "dim": cfg.dim, "n_layers": cfg.n_layers, "vocab": cfg.vocab_size,
         "seq": args.seq, "batch": args.batch, "dtype": "float32", "device": "cpu", "threads": args.threads,
+        "loss": {"ours": "fused chunked linear + cross-entropy", "peer": "logits + ForCausalLMLoss"},
         "optimizer": f"AdamW ({kind})", "repeats": args.repeats, "steps_per_repeat": args.steps,
         "torch": torch.__version__,
     })

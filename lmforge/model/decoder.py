@@ -3,6 +3,7 @@
     model = Llama(LlamaConfig.from_depth(6, vocab_size=8192))
     logits = model(idx)                                     # (B, T) int64 -> (B, T, V) float32, causal
     logits = model(idx, input_pos=pos, cache=cache)         # cached decoding, see docs/internals.md
+    loss = model(idx, targets=y)                            # mean cross-entropy, the (B, T, V) logits never formed
 
 Module names follow HF `LlamaForCausalLM` minus its `model.` prefix (embed_tokens, layers.{i}.self_attn.q_proj,
 ..., norm, lm_head), so the checkpoint name map (lmforge/checkpoint/hf.py) only adds or strips that prefix and
@@ -15,12 +16,14 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lmforge.common import LmforgeError
 from lmforge.model.attention import Attention
 from lmforge.model.config import LlamaConfig
 from lmforge.model.layers import RMSNorm, SwiGLU, rope_tables
+from lmforge.model.losses import linear_cross_entropy
 
 
 class Block(nn.Module):
@@ -81,11 +84,15 @@ class Llama(nn.Module):
             nn.init.normal_(module.mlp.down_proj.weight, mean=0.0, std=std)
         # `apply` visits children before parents: a Block's projections get 0.02 first, then the scaled std.
 
-    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, cache: Any = None) -> torch.Tensor:
-        """idx (B, T) int64 -> logits (B, T, V) float32.
+    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, cache: Any = None, *,
+                targets: torch.Tensor | None = None, ignore_index: int = -100) -> torch.Tensor:
+        """idx (B, T) int64 -> logits (B, T, V) float32; with targets (B, T), the mean cross-entropy instead.
 
         input_pos (B, T) int64 gives each token's absolute position (negative = left padding); required with a
         cache, optional without (default 0..T-1, and attention stays plain causal over the T tokens).
+        targets: the next-token ids; the loss is their mean negative log-likelihood over the targets that are not
+        `ignore_index`, as `F.cross_entropy(model(idx).flatten(0, 1), targets.flatten())`, computed by the fused
+        chunked head + loss (lmforge/model/losses.py) so the logits are never materialized.
         """
         self._check_inputs(idx, input_pos, cache)
         if self.rope_cos.dtype != torch.float32:  # a model.to(bfloat16) cast the tables: rebuild at full precision
@@ -95,8 +102,22 @@ class Llama(nn.Module):
         x = self.embed_tokens(idx)  # (B, T, C)
         for block in self.layers:
             x = block(x, cos, sin, cache, input_pos, mask)
-        logits = self.lm_head(self.norm(x))  # (B, T, V)
-        return logits.float()
+        x = self.norm(x)
+        if targets is None:
+            return self.lm_head(x).float()  # (B, T, V)
+        return self._loss(x, idx, targets, ignore_index)
+
+    def _loss(self, x: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+        """Mean cross-entropy of the head's logits for x (B, T, C); fused unless lm_head was swapped for another
+        module (LoRA, quantized), whose own forward then makes the logits."""
+        if not isinstance(targets, torch.Tensor) or targets.shape != idx.shape or targets.is_floating_point():
+            got = f"{targets.dtype} {tuple(targets.shape)}" if isinstance(targets, torch.Tensor) else type(targets)
+            raise LmforgeError(f"targets must be an integer tensor shaped like idx {tuple(idx.shape)}, got {got}")
+        head = self.lm_head
+        if type(head) is nn.Linear and head.bias is None:
+            return linear_cross_entropy(x, head.weight, targets, ignore_index=ignore_index)
+        logits = head(x).float()
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
 
     def _rope(self, T: int, input_pos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin for the tokens: (T, 1, D/2) for positions 0..T-1, else gathered per row (B, T, 1, D/2)."""

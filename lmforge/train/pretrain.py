@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from lmforge.checkpoint import load_config, read_meta, save_run
 from lmforge.common import LmforgeError, pick_device, seed_everything
@@ -158,10 +157,12 @@ def model_config(args: dict, tokenizer: Any, eos_id: int) -> LlamaConfig:
 
 
 def lm_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token cross-entropy: mean over the targets that are not IGNORE_INDEX, and their count."""
+    """Next-token cross-entropy: mean over the targets that are not IGNORE_INDEX, and their count.
+
+    The model computes it with its fused head + loss (lmforge/model/losses.py): no (B, T, V) logits in training.
+    """
     x, y = batch
-    logits = model(x)  # (B, T, V)
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX)
+    loss = model(x, targets=y, ignore_index=IGNORE_INDEX)
     return loss, (y != IGNORE_INDEX).sum()
 
 

@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seq-len", type=int, help="tokens per sequence (default 256)")
     a("--lr", type=float, help="peak learning rate (default: suggested for the model width)")
     a("--grad-accum", type=int, help="micro-batches per update (default 1)")
-    a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on for CUDA only)")
+    a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: off; see docs/spine.md)")
     a("--resume", action="store_true", help="continue RUN exactly from its last checkpoint")
     a("--eval-every", type=int, help="updates between validations (default 250; 0: only at the end)")
     a("--save-every", type=int, help="updates between checkpoints (default 500; 0: only at the end)")

@@ -39,8 +39,8 @@ meta = json.load(open('$DEMO_DIR/model/lmforge.json'))
 base = meta['metrics']['unigram_perplexity']
 print(f'model perplexity {s[\"perplexity\"]:.1f} vs unigram baseline {base:.1f} ({base / s[\"perplexity\"]:.1f}x better)')"
 
-echo "== 2c. Generate (greedy, then sampled with a seed)"
-lmforge generate --model "$DEMO_DIR/model" --prompt "def " --max-new-tokens 48 --temperature 0
+echo "== 2c. Generate (greedy with a repetition penalty, then sampled with a seed)"
+lmforge generate --model "$DEMO_DIR/model" --prompt "def " --max-new-tokens 48 --temperature 0 --repetition-penalty 1.3
 lmforge generate --model "$DEMO_DIR/model" --prompt "import os" --max-new-tokens 48 --temperature 0.8 \
     --top-p 0.95 --seed 0
 

@@ -7,11 +7,12 @@ libraries (torch) are imported inside functions so `lmforge tokenizer ...` start
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import importlib
 import os
 import random
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 
@@ -71,6 +72,23 @@ def read_text_file(path: str | os.PathLike) -> str:
         return path.read_text(encoding="utf-8", errors="surrogateescape")
     except OSError as e:
         raise LmforgeError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def list_files(paths: Iterable[str | Path], glob: str = "*") -> list[Path]:
+    """Files named by `paths`, with directories expanded recursively (sorted, hidden entries skipped)."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and fnmatch.fnmatch(f.name, glob)
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            if not found:
+                raise LmforgeError(f"no files matching {glob!r} under {p}")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise LmforgeError(f"input not found: {p}")
+    return files
 
 
 def cpu_count() -> int:

@@ -13,32 +13,14 @@ directories (names starting with ".") are skipped. Empty documents are skipped: 
 
 from __future__ import annotations
 
-import fnmatch
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from lmforge.common import LmforgeError, require
+from lmforge.common import LmforgeError, list_files, require
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
-
-
-def list_files(paths: Iterable[str | Path], glob: str = "*") -> list[Path]:
-    """Files named by `paths`, with directories expanded recursively (sorted, hidden entries skipped)."""
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and fnmatch.fnmatch(f.name, glob)
-                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
-            if not found:
-                raise LmforgeError(f"no files matching {glob!r} under {p}")
-            files += found
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise LmforgeError(f"input not found: {p}")
-    return files
 
 
 class Corpus:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import sys
 import time
 from pathlib import Path
 
 from lmforge import __version__
-from lmforge.common import LmforgeError, atomic_write_text
+from lmforge.common import LmforgeError, atomic_write_text, list_files
 from lmforge.tokenizer import pretokenize
 from lmforge.tokenizer.formats import load_tokenizer, save_tokenizer
 from lmforge.tokenizer.train import train_bpe
@@ -53,23 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _expand_inputs(paths: list[Path], glob: str) -> list[Path]:
-    files: list[Path] = []
-    for p in paths:
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and fnmatch.fnmatch(f.name, glob))
-            if not found:
-                raise LmforgeError(f"no files matching {glob!r} under {p}")
-            files += found
-        elif p.exists():
-            files.append(p)
-        else:
-            raise LmforgeError(f"training input not found: {p}")
-    return files
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    files = _expand_inputs(args.input, args.glob)
+    files = list_files(args.input, args.glob)
     n_bytes = sum(f.stat().st_size for f in files)
     print(f"training on {len(files)} file(s), {n_bytes / 1e6:.1f} MB, vocab {args.vocab_size}, "
           f"pattern {pretokenize.pattern_name(args.pattern) or 'custom'}", file=sys.stderr)

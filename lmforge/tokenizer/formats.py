@@ -256,7 +256,7 @@ def load_tiktoken(path: str | Path, pattern: str | None = None,
     """Load a rank file; a known public file (by hash) gets its own pattern and specials unless given."""
     path = Path(path)
     ranks = read_tiktoken_ranks(path)
-    known = _known_encoding_by_hash(path)
+    known = _known_encoding_by_hash(path) if pattern is None or special_tokens is None else None
     if pattern is None:
         if known is None:
             raise LmforgeError(f"{path}: unknown rank file; pass the split pattern (e.g. --pattern gpt4)")

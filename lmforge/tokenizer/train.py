@@ -131,7 +131,7 @@ def train_bpe(inputs: Iterable[str | Path], vocab_size: int, pattern: str = "gpt
         bar.close()
     tokens, merges = _vocab_from_merges(merges)
     specials = {s: len(tokens) + i for i, s in enumerate(special_tokens)}
-    return BPETokenizer(tokens, merges, pattern, specials, backend=backend if backend != "auto" else "auto")
+    return BPETokenizer(tokens, merges, pattern, specials, backend=backend)
 
 
 def _vocab_from_merges(merges: list[tuple[int, int]]) -> tuple[list[bytes | None], list[tuple[int, int]]]:

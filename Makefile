@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: test demo lint bench clean
 
-$(STAMP): pyproject.toml setup.py lmforge/tokenizer/_bpe.c lmforge/tokenizer/_unicode_classes.h
+$(STAMP): pyproject.toml setup.py lmforge/tokenizer/_bpe.c lmforge/tokenizer/_unicode_classes.h lmforge/model/_cpu.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
@@ -27,4 +27,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/tokenizer.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info lmforge/tokenizer/*.so
+	rm -rf $(VENV) build *.egg-info lmforge/tokenizer/*.so lmforge/model/*.so

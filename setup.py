@@ -1,4 +1,4 @@
-"""Builds the optional compiled tokenizer core; the pure-Python path is used when it is absent."""
+"""Builds the optional compiled cores (tokenizer, decode GEMV); the pure-Python/torch paths are used when absent."""
 from setuptools import Extension, setup
 
 setup(
@@ -9,6 +9,13 @@ setup(
             extra_compile_args=["-O3", "-std=c11", "-pthread"],
             extra_link_args=["-pthread"],
             optional=True,
-        )
+        ),
+        Extension(
+            "lmforge.model._cpu",
+            sources=["lmforge/model/_cpu.c"],
+            extra_compile_args=["-O3", "-std=c11", "-pthread"],
+            extra_link_args=["-pthread"],
+            optional=True,
+        ),
     ]
 )

@@ -42,6 +42,19 @@ def read_bandwidth_gbs(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
     return n_bytes / statistics.median(times) / 1e9
 
 
+def bytes_read_per_step(model) -> int:
+    """Weight bytes one decode step must read: every parameter once (a tied embedding is the output head), but
+    an untied embedding table contributes one row, i.e. nothing worth counting."""
+    seen, total = set(), 0
+    embed = model.embed_tokens.weight
+    for p in model.parameters():  # parameters() yields a tied tensor once
+        if p.data_ptr() in seen or (p is embed and not model.cfg.tie_embeddings):
+            continue
+        seen.add(p.data_ptr())
+        total += p.numel() * p.element_size()
+    return total
+
+
 def run_ours(model, prompts, n_new: int) -> list[list[int]]:
     params = SamplingParams(temperature=0.0, max_new_tokens=n_new)
     rows: list[list[int]] = [[] for _ in prompts]
@@ -102,9 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as d:
         save_run(model, cfg, d)
         hf = LlamaForCausalLM.from_pretrained(d, torch_dtype=torch.float32).eval()
-    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    weight_bytes = bytes_read_per_step(model)
     bandwidth = read_bandwidth_gbs()
-    log(f"{args.preset}: {weight_bytes / 1e6:.0f} MB of weights; read bandwidth {bandwidth:.1f} GB/s")
+    log(f"{args.preset}: {weight_bytes / 1e6:.0f} MB of weights read per step; read bandwidth {bandwidth:.1f} GB/s")
     for batch in (int(b) for b in args.batches.split(",")):
         record = bench(model, hf, batch, args, weight_bytes, bandwidth)
         record.update(preset=args.preset, weight_mb=round(weight_bytes / 1e6, 1), bandwidth_gbs=round(bandwidth, 2))

@@ -15,6 +15,7 @@ from lmforge.common import LmforgeError
 from lmforge.infer.kv_cache import KVCache
 from lmforge.infer.sampling import SamplingParams, make_generator, process_logits, sample
 from lmforge.infer.stopping import StopChecker
+from lmforge.model import kernels
 
 
 def prefill(model: torch.nn.Module, ids: torch.Tensor, input_pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -24,7 +25,8 @@ def prefill(model: torch.nn.Module, ids: torch.Tensor, input_pos: torch.Tensor, 
 
 def decode_step(model: torch.nn.Module, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """One new token per row: ids (B,), pos (B,) -> logits (B, V)."""
-    return model(ids[:, None], input_pos=pos[:, None], cache=cache)[:, -1]
+    with kernels.decoding(ids.shape[0]):  # small batches: the compiled GEMV's thread pool takes the cores
+        return model(ids[:, None], input_pos=pos[:, None], cache=cache)[:, -1]
 
 
 def _pack_prompts(prompts: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

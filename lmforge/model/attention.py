@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.model import kernels
 from lmforge.model.config import LlamaConfig
+from lmforge.model.kernels import linears
 from lmforge.model.layers import apply_rotary
 
 SMALL_QUERY = 8  # decode steps (and short appends) take the explicit path below
@@ -54,18 +56,22 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         # Rotate in the (B, T, H, D) layout the projection produces, then view heads-first for SDPA: the
         # transposes are free strides, no copies.
-        q = apply_rotary(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
-        k = apply_rotary(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k, v = linears(x, self.q_proj, self.k_proj, self.v_proj)  # one kernel call when decoding on CPU
+        q = apply_rotary(q.view(B, T, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
+        k = apply_rotary(k.view(B, T, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         if cache is not None:
             k, v = cache.update(self.layer_idx, input_pos, k, v)  # (B, Hkv, S, D)
-            if T <= SMALL_QUERY:
+            y = kernels.attention(q, k, v, mask) if T == 1 else None  # decode steps: one compiled call
+            if y is not None:
+                pass
+            elif T <= SMALL_QUERY:
                 y = small_query_attention(q, k, v, mask)
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self._gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self._gqa)  # (B, H, T, D)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return linears(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim), self.o_proj)[0]
 
     @property
     def _gqa(self) -> bool:

@@ -22,6 +22,7 @@ from torch import nn
 from lmforge.common import LmforgeError
 from lmforge.model.attention import Attention
 from lmforge.model.config import LlamaConfig
+from lmforge.model.kernels import linears
 from lmforge.model.layers import RMSNorm, SwiGLU, rope_tables
 from lmforge.model.losses import linear_cross_entropy
 
@@ -104,7 +105,7 @@ class Llama(nn.Module):
             x = block(x, cos, sin, cache, input_pos, mask)
         x = self.norm(x)
         if targets is None:
-            return self.lm_head(x).float()  # (B, T, V)
+            return linears(x, self.lm_head)[0].float()  # (B, T, V)
         return self._loss(x, idx, targets, ignore_index)
 
     def _loss(self, x: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:

@@ -15,6 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.model import kernels
+from lmforge.model.kernels import linears
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm (Zhang & Sennrich 2019): x / sqrt(mean(x^2) + eps) * weight, no mean subtraction.
@@ -29,10 +32,17 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., C) -> (..., C)
+        if x.dtype is torch.float32 and self.weight.dtype is torch.float32 and not _wants_grad(x, self.weight):
+            y = kernels.rms_norm(x, self.weight, self.eps)  # decode steps: one compiled call
+            return y if y is not None else F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return _RMSNormFn.apply(x, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def _wants_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -129,7 +139,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     (a fused multiply-add), so HF checkpoints need no q/k permutation (Meta's original checkpoints interleave
     pairs and HF permutes them at conversion time).
     """
-    return _RotaryFn.apply(x, cos.to(x.dtype), sin.to(x.dtype))
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    if _wants_grad(x):
+        return _RotaryFn.apply(x, cos, sin)
+    y = kernels.rope(x, cos, sin)  # decode steps: one compiled call
+    return y if y is not None else _rotate(x, cos, sin)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -167,4 +181,5 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # hidden (B, T, F)
+        gate, up = linears(x, self.gate_proj, self.up_proj)  # (B, T, F) each; one kernel call when decoding on CPU
+        return linears(F.silu(gate) * up, self.down_proj)[0]

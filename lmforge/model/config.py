@@ -1,4 +1,9 @@
-"""Llama configuration: the dataclass, named sizes, the depth dial, and the HF `config.json` mapping.
+"""Llama-family configuration: the dataclass, named sizes, the depth dial, and the HF `config.json` mapping.
+
+The family is the rotary / RMSNorm / SwiGLU decoder that HF spells three ways: `llama`, `qwen2` (bias on the
+q, k, v projections) and `mistral` (sliding-window attention). They differ by a few switches, not by
+architecture, so one config carries them (`model_type` picks the config.json spelling); families that differ
+in structure (GPT-2, Mixtral, BERT, T5) have their own files.
 
     cfg = LlamaConfig(vocab_size=8192, dim=384, n_layers=6, n_heads=6)    # n_kv_heads, ffn_dim derived
     cfg = LlamaConfig.from_depth(6, vocab_size=8192)                        # nanochat-style size dial
@@ -21,6 +26,10 @@ from lmforge.common import LmforgeError
 # The one RoPE scaling family besides plain RoPE that the model implements: Llama 3.1's frequency-dependent
 # interpolation (HF `_compute_llama3_parameters`). Keys as in HF's rope_scaling dict.
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+# config.json model_type -> the transformers class that loads it
+HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
 
 
 def llama_ffn_dim(dim: int, multiple_of: int = 64) -> int:
@@ -50,6 +59,11 @@ class LlamaConfig:
     tie_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    qkv_bias: bool = False  # bias on q/k/v projections (Qwen2; Llama's attention_bias sets this and o_bias)
+    o_bias: bool = False  # bias on the output projection
+    mlp_bias: bool = False  # bias on gate/up/down (Llama's mlp_bias)
+    sliding_window: int | None = None  # a query sees only the last `sliding_window` positions (Mistral)
+    model_type: str = "llama"  # config.json spelling: "llama", "qwen2" or "mistral"
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -81,8 +95,15 @@ class LlamaConfig:
                                f"({self.n_kv_heads})")
         if self.head_dim % 2:
             raise LmforgeError(f"LlamaConfig: head_dim ({self.head_dim}) must be even for rotary embeddings")
-        if not isinstance(self.tie_embeddings, bool):
-            raise LmforgeError(f"LlamaConfig.tie_embeddings must be a bool, got {self.tie_embeddings!r}")
+        for name in ("tie_embeddings", "qkv_bias", "o_bias", "mlp_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise LmforgeError(f"LlamaConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        w = self.sliding_window
+        if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w <= 0):
+            raise LmforgeError(f"LlamaConfig.sliding_window must be a positive integer or None, got {w!r}")
+        if self.model_type not in HF_ARCHITECTURES:
+            raise LmforgeError(f"LlamaConfig.model_type must be one of {', '.join(HF_ARCHITECTURES)}, got "
+                               f"{self.model_type!r}")
         _check_rope_scaling(self.rope_scaling)
 
     # ---- plain dicts (lmforge's own serialization, CLI args) ----
@@ -129,9 +150,9 @@ class LlamaConfig:
         (v5 reads either; v4 ignores `rope_parameters`, so without the v4 keys it would silently use theta=1e4).
         """
         rope_parameters = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": float(self.rope_theta)}
-        return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+        d = {
+            "architectures": [HF_ARCHITECTURES[self.model_type]],
+            "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.dim,
             "intermediate_size": self.ffn_dim,
@@ -148,23 +169,30 @@ class LlamaConfig:
             "tie_word_embeddings": self.tie_embeddings,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
-            "attention_bias": False,
             "attention_dropout": 0.0,
-            "mlp_bias": False,
-            "pretraining_tp": 1,
             "initializer_range": 0.02,
             "use_cache": True,
             "dtype": dtype,  # v5 name
             "torch_dtype": dtype,  # v4 name
         }
+        if self.model_type == "llama":
+            d.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias, pretraining_tp=1)
+        elif self.model_type == "qwen2":  # bias on q/k/v is built in; one window for every layer or none
+            d.update(use_sliding_window=self.sliding_window is not None, sliding_window=self.sliding_window,
+                     max_window_layers=0 if self.sliding_window is not None else self.n_layers)
+        else:
+            d.update(sliding_window=self.sliding_window)
+        return d
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> LlamaConfig:
         """Read an HF Llama `config.json` dict (v4 or v5 layout); anything the model cannot reproduce is an error."""
         if not isinstance(d, dict):
             raise LmforgeError(f"config.json must hold a JSON object, got {type(d).__name__}")
-        if d.get("model_type") != "llama":
-            raise LmforgeError(f"config.json has model_type {d.get('model_type')!r}; the Llama model needs 'llama'")
+        kind = d.get("model_type")
+        if kind not in HF_ARCHITECTURES:
+            raise LmforgeError(f"config.json has model_type {kind!r}; the Llama family reads "
+                               f"{', '.join(HF_ARCHITECTURES)}")
         _check_hf_supported(d)
         try:
             n_heads = d["num_attention_heads"]
@@ -172,7 +200,8 @@ class LlamaConfig:
                           n_heads=n_heads, n_kv_heads=d.get("num_key_value_heads") or n_heads,
                           ffn_dim=d["intermediate_size"])
         except KeyError as e:
-            raise LmforgeError(f"config.json (llama) is missing {e.args[0]!r}") from None
+            raise LmforgeError(f"config.json ({kind}) is missing {e.args[0]!r}") from None
+        fields.update(model_type=kind, **_hf_family_switches(d))
         theta, scaling = _hf_rope(d)
         fields.update(max_seq_len=d.get("max_position_embeddings", 2048), rope_theta=theta, rope_scaling=scaling,
                       norm_eps=d.get("rms_norm_eps", 1e-6), tie_embeddings=bool(d.get("tie_word_embeddings", False)),
@@ -203,12 +232,24 @@ def _check_rope_scaling(scaling: dict[str, Any] | None) -> None:
         raise LmforgeError("llama3 rope_scaling needs high_freq_factor != low_freq_factor")
 
 
+def _hf_family_switches(d: dict[str, Any]) -> dict[str, Any]:
+    """qkv_bias / o_bias / mlp_bias / sliding_window as each model_type's config.json spells them."""
+    kind = d["model_type"]
+    if kind == "llama":
+        bias = bool(d.get("attention_bias", False))
+        return dict(qkv_bias=bias, o_bias=bias, mlp_bias=bool(d.get("mlp_bias", False)))
+    if kind == "qwen2":
+        window = d.get("sliding_window") if d.get("use_sliding_window") else None
+        types = d.get("layer_types")
+        if window is not None and (d.get("max_window_layers", 0) != 0 if types is None else
+                                   any(t != "sliding_attention" for t in types)):
+            raise LmforgeError("config.json (qwen2): a sliding window on only some layers is not supported")
+        return dict(qkv_bias=True, sliding_window=window)
+    return dict(sliding_window=d.get("sliding_window"))  # mistral
+
+
 def _check_hf_supported(d: dict[str, Any]) -> None:
     """Refuse config.json features our Llama does not implement, instead of loading a silently different model."""
-    if d.get("attention_bias"):
-        raise LmforgeError("config.json: attention_bias=true is not supported (Llama projections have no bias)")
-    if d.get("mlp_bias"):
-        raise LmforgeError("config.json: mlp_bias=true is not supported (Llama MLP has no bias)")
     act = d.get("hidden_act", "silu")
     if act != "silu":
         raise LmforgeError(f"config.json: hidden_act={act!r} is not supported (only 'silu')")
@@ -253,7 +294,8 @@ def n_params(cfg: LlamaConfig, include_embeddings: bool = True) -> int:
     """
     c, f, hd = cfg.dim, cfg.ffn_dim, cfg.head_dim
     attn = c * cfg.n_heads * hd + 2 * c * cfg.n_kv_heads * hd + cfg.n_heads * hd * c  # q, k, v, o
-    mlp = 3 * c * f  # gate, up, down
+    attn += cfg.qkv_bias * (cfg.n_heads + 2 * cfg.n_kv_heads) * hd + cfg.o_bias * c
+    mlp = 3 * c * f + cfg.mlp_bias * (2 * f + c)  # gate, up, down
     per_layer = attn + mlp + 2 * c  # + two RMSNorm weights
     body = cfg.n_layers * per_layer + c  # + final norm
     if not include_embeddings:

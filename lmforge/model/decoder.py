@@ -35,7 +35,7 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.dim, cfg.ffn_dim)
+        self.mlp = SwiGLU(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Any = None,
                 input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -99,7 +99,7 @@ class Llama(nn.Module):
         if self.rope_cos.dtype != torch.float32:  # a model.to(bfloat16) cast the tables: rebuild at full precision
             self.reset_rope(self.rope_cos.device)
         cos, sin = self._rope(idx.shape[1], input_pos)
-        mask = cache.attn_mask(input_pos) if cache is not None else None  # (B, 1, T, S), once per forward
+        mask = self._mask(idx.shape[1], input_pos, cache)  # once per forward
         x = self.embed_tokens(idx)  # (B, T, C)
         for block in self.layers:
             x = block(x, cos, sin, cache, input_pos, mask)
@@ -119,6 +119,23 @@ class Llama(nn.Module):
             return linear_cross_entropy(x, head.weight, targets, ignore_index=ignore_index)
         logits = head(x).float()
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
+
+    def _mask(self, T: int, input_pos: torch.Tensor | None, cache: Any) -> torch.Tensor | None:
+        """What each query may see: the cache's mask (B, 1, T, S); without a cache None (plain causal), or a
+        (T, T) causal band when a sliding window is shorter than T. A window keeps key positions p with
+        query_pos - p < sliding_window, as HF's `sliding_window_overlay` (Mistral, Jiang et al. 2023)."""
+        W = self.cfg.sliding_window
+        if cache is not None:
+            mask = cache.attn_mask(input_pos)  # (B, 1, T, S), slot == position
+            if W is not None:
+                slots = torch.arange(mask.shape[-1], device=mask.device)  # (S,)
+                mask = mask & (slots > input_pos[:, None, :, None] - W)
+                mask[..., 0] |= input_pos[:, None, :] < 0  # padding queries keep their one slot (no NaN)
+            return mask
+        if W is None or T <= W:
+            return None
+        i = torch.arange(T, device=self.rope_cos.device)  # without a cache, attention is over the T tokens in order
+        return (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < W)  # (T, T): key j <= query i, within W
 
     def _rope(self, T: int, input_pos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin for the tokens: (T, 1, D/2) for positions 0..T-1, else gathered per row (B, T, 1, D/2)."""

@@ -170,8 +170,6 @@ def test_from_hf_reads_v4_layout():
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    ({"attention_bias": True}, "attention_bias"),
-    ({"mlp_bias": True}, "mlp_bias"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"head_dim": 16}, "head_dim"),
     ({"model_type": "gpt2"}, "model_type"),

@@ -11,10 +11,15 @@ Our modules are named as HF's, minus the `model.` prefix of the decoder body, so
     lm_head.weight                           lm_head.weight   (absent when tie_word_embeddings, as HF saves it)
 
 q_proj/k_proj need no permutation: our RoPE uses HF's rotate_half convention (see model/layers.py).
+
+Mixtral (`moe=True`) keeps our MoE as `mlp.gate` + `mlp.experts.{e}.{gate,up,down}_proj` and writes the hub's
+layout, `block_sparse_moe.gate` + `block_sparse_moe.experts.{e}.{w1,w3,w2}`; on load it also accepts
+transformers v5's fused `mlp.experts.gate_up_proj` (E, 2F, C) / `mlp.experts.down_proj` (E, C, F).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -27,8 +32,19 @@ LM_HEAD = "lm_head.weight"
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def to_hf_name(name: str) -> str:
-    return name if name == LM_HEAD else HF_BODY_PREFIX + name
+_EXPERT_TO_HF = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+_EXPERT_FROM_HF = {v: k for k, v in _EXPERT_TO_HF.items()}
+_OURS_MOE = re.compile(r"^(layers\.\d+\.)mlp\.(gate\.weight|experts\.\d+\.)(?:(gate_proj|up_proj|down_proj)\.weight)?$")
+_HF_MOE = re.compile(r"^(layers\.\d+\.)block_sparse_moe\.(gate\.weight|experts\.\d+\.)(?:(w1|w2|w3)\.weight)?$")
+
+
+def to_hf_name(name: str, moe: bool = False) -> str:
+    if name == LM_HEAD:
+        return name
+    m = _OURS_MOE.match(name) if moe else None
+    if m:
+        name = f"{m[1]}block_sparse_moe.{m[2]}" + (f"{_EXPERT_TO_HF[m[3]]}.weight" if m[3] else "")
+    return HF_BODY_PREFIX + name
 
 
 def from_hf_name(name: str) -> str:
@@ -36,18 +52,41 @@ def from_hf_name(name: str) -> str:
         return name
     if not name.startswith(HF_BODY_PREFIX):
         raise LmforgeError(f"unexpected tensor name {name!r}: Llama tensors start with {HF_BODY_PREFIX!r}")
-    return name[len(HF_BODY_PREFIX):]
+    name = name[len(HF_BODY_PREFIX):]
+    m = _HF_MOE.match(name)
+    if m:
+        name = f"{m[1]}mlp.{m[2]}" + (f"{_EXPERT_FROM_HF[m[3]]}.weight" if m[3] else "")
+    return name
 
 
-def to_hf_state_dict(state: Mapping[str, torch.Tensor], tied: bool) -> dict[str, torch.Tensor]:
+def unfuse_experts(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers v5's fused MoE tensors (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`, `mlp.gate`)
+    -> the hub layout, one w1/w3/w2 per expert (views, no copies); other names pass through."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        m = re.match(r"^(.*layers\.\d+\.)mlp\.(experts\.(gate_up_proj|down_proj)|gate\.weight)$", name)
+        if not m:
+            out[name] = t
+        elif m[2] == "gate.weight":
+            out[f"{m[1]}block_sparse_moe.gate.weight"] = t
+        elif m[3] == "down_proj":  # (E, C, F)
+            out.update({f"{m[1]}block_sparse_moe.experts.{e}.w2.weight": t[e] for e in range(t.shape[0])})
+        else:  # gate_up_proj (E, 2F, C): gate rows first, then up
+            gate, up = t.chunk(2, dim=1)
+            out.update({f"{m[1]}block_sparse_moe.experts.{e}.w1.weight": gate[e] for e in range(t.shape[0])})
+            out.update({f"{m[1]}block_sparse_moe.experts.{e}.w3.weight": up[e] for e in range(t.shape[0])})
+    return out
+
+
+def to_hf_state_dict(state: Mapping[str, torch.Tensor], tied: bool, moe: bool = False) -> dict[str, torch.Tensor]:
     """Our state dict -> HF names; the output head is dropped when tied (safetensors cannot store shared tensors,
     and transformers re-ties it from the embedding on load)."""
-    return {to_hf_name(name): t for name, t in state.items() if not (tied and name == LM_HEAD)}
+    return {to_hf_name(name, moe): t for name, t in state.items() if not (tied and name == LM_HEAD)}
 
 
-def expected_hf_shapes(state: Mapping[str, torch.Tensor], tied: bool) -> dict[str, tuple[int, ...]]:
+def expected_hf_shapes(state: Mapping[str, torch.Tensor], tied: bool, moe: bool = False) -> dict[str, tuple[int, ...]]:
     """HF name -> shape a checkpoint must hold for a model with this state dict (a meta-device model is enough)."""
-    return {name: tuple(t.shape) for name, t in to_hf_state_dict(state, tied).items()}
+    return {name: tuple(t.shape) for name, t in to_hf_state_dict(state, tied, moe).items()}
 
 
 def from_hf_state_dict(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]],
@@ -57,6 +96,8 @@ def from_hf_state_dict(tensors: Mapping[str, torch.Tensor], expected: Mapping[st
     A tied checkpoint that still carries lm_head.weight (some exporters write it) is accepted; the copy is
     dropped since the head is the embedding. Anything else missing, extra or misshapen is one LmforgeError.
     """
+    if any(".block_sparse_moe." in n for n in expected):
+        tensors = unfuse_experts(tensors)
     names = {n for n in tensors if not n.endswith(IGNORED_SUFFIXES)}
     if LM_HEAD not in expected:
         names.discard(LM_HEAD)

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from lmforge import __version__
 from lmforge.checkpoint.hf import expected_hf_shapes, from_hf_state_dict, to_hf_state_dict
 from lmforge.common import LmforgeError, atomic_write_text, read_text_file
-from lmforge.model.config import LlamaConfig
+from lmforge.model.config import LlamaConfig, MixtralConfig, config_from_hf
 from lmforge.model.decoder import Llama
 
 CONFIG, WEIGHTS, INDEX, META = "config.json", "model.safetensors", "model.safetensors.index.json", "lmforge.json"
@@ -45,8 +45,8 @@ def save_run(model: torch.nn.Module, cfg: LlamaConfig, run_dir: str | os.PathLik
     run_dir = Path(run_dir)
     model = _unwrap(model)
     with torch.device("meta"):
-        expected = expected_hf_shapes(Llama(cfg).state_dict(), cfg.tie_embeddings)
-    tensors = to_hf_state_dict(model.state_dict(), cfg.tie_embeddings)
+        expected = expected_hf_shapes(Llama(cfg).state_dict(), cfg.tie_embeddings, _moe(cfg))
+    tensors = to_hf_state_dict(model.state_dict(), cfg.tie_embeddings, _moe(cfg))
     from_hf_state_dict(tensors, expected, where=f"save_run({run_dir})")  # model and cfg must agree
     tensors = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
     dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
@@ -59,6 +59,10 @@ def save_run(model: torch.nn.Module, cfg: LlamaConfig, run_dir: str | os.PathLik
             **(meta or {})}
     atomic_write_text(run_dir / META, json.dumps(info, indent=2, default=str) + "\n")
     return run_dir
+
+
+def _moe(cfg: LlamaConfig) -> bool:
+    return isinstance(cfg, MixtralConfig)
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -139,7 +143,7 @@ def _atomic_save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
 def load_config(run_dir: str | os.PathLike) -> LlamaConfig:
     """The model config of a run directory (HF config.json, v4 or v5 layout)."""
     run_dir = _existing_dir(run_dir)
-    return LlamaConfig.from_hf(_read_json(run_dir / CONFIG))
+    return config_from_hf(_read_json(run_dir / CONFIG))
 
 
 def read_meta(run_dir: str | os.PathLike) -> dict[str, Any]:
@@ -160,7 +164,7 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
     tensors = load_tensors(run_dir, device=device)
     with torch.device("meta"):
         model = Llama(cfg)
-    state = from_hf_state_dict(tensors, expected_hf_shapes(model.state_dict(), cfg.tie_embeddings),
+    state = from_hf_state_dict(tensors, expected_hf_shapes(model.state_dict(), cfg.tie_embeddings, _moe(cfg)),
                                where=str(run_dir))
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}

@@ -4,7 +4,7 @@
     model = Llama(PRESETS["llama-15m"])
 """
 
-from lmforge.model.config import PRESETS, LlamaConfig, flops_per_token, n_params, suggested_lr
+from lmforge.model.config import PRESETS, LlamaConfig, MixtralConfig, flops_per_token, n_params, suggested_lr
 from lmforge.model.decoder import Llama
 
-__all__ = ["PRESETS", "Llama", "LlamaConfig", "flops_per_token", "n_params", "suggested_lr"]
+__all__ = ["PRESETS", "Llama", "LlamaConfig", "MixtralConfig", "flops_per_token", "n_params", "suggested_lr"]

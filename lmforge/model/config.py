@@ -29,7 +29,8 @@ LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_m
 
 
 # config.json model_type -> the transformers class that loads it
-HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
+                    "mixtral": "MixtralForCausalLM"}
 
 
 def llama_ffn_dim(dim: int, multiple_of: int = 64) -> int:
@@ -64,6 +65,8 @@ class LlamaConfig:
     mlp_bias: bool = False  # bias on gate/up/down (Llama's mlp_bias)
     sliding_window: int | None = None  # a query sees only the last `sliding_window` positions (Mistral)
     model_type: str = "llama"  # config.json spelling: "llama", "qwen2" or "mistral"
+
+    MODEL_TYPES = ("llama", "qwen2", "mistral")  # a class attribute, not a field
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -101,9 +104,9 @@ class LlamaConfig:
         w = self.sliding_window
         if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w <= 0):
             raise LmforgeError(f"LlamaConfig.sliding_window must be a positive integer or None, got {w!r}")
-        if self.model_type not in HF_ARCHITECTURES:
-            raise LmforgeError(f"LlamaConfig.model_type must be one of {', '.join(HF_ARCHITECTURES)}, got "
-                               f"{self.model_type!r}")
+        if self.model_type not in self.MODEL_TYPES:
+            raise LmforgeError(f"{type(self).__name__}.model_type must be one of {', '.join(self.MODEL_TYPES)}, "
+                               f"got {self.model_type!r}")
         _check_rope_scaling(self.rope_scaling)
 
     # ---- plain dicts (lmforge's own serialization, CLI args) ----
@@ -185,14 +188,19 @@ class LlamaConfig:
         return d
 
     @classmethod
+    def _hf_extra_fields(cls, d: dict[str, Any]) -> dict[str, Any]:
+        """Fields a subclass reads from config.json beyond the Llama family's."""
+        return {}
+
+    @classmethod
     def from_hf(cls, d: dict[str, Any]) -> LlamaConfig:
         """Read an HF Llama `config.json` dict (v4 or v5 layout); anything the model cannot reproduce is an error."""
         if not isinstance(d, dict):
             raise LmforgeError(f"config.json must hold a JSON object, got {type(d).__name__}")
         kind = d.get("model_type")
-        if kind not in HF_ARCHITECTURES:
-            raise LmforgeError(f"config.json has model_type {kind!r}; the Llama family reads "
-                               f"{', '.join(HF_ARCHITECTURES)}")
+        if kind not in cls.MODEL_TYPES:
+            raise LmforgeError(f"config.json has model_type {kind!r}; {cls.__name__} reads "
+                               f"{', '.join(cls.MODEL_TYPES)}")
         _check_hf_supported(d)
         try:
             n_heads = d["num_attention_heads"]
@@ -201,7 +209,7 @@ class LlamaConfig:
                           ffn_dim=d["intermediate_size"])
         except KeyError as e:
             raise LmforgeError(f"config.json ({kind}) is missing {e.args[0]!r}") from None
-        fields.update(model_type=kind, **_hf_family_switches(d))
+        fields.update(model_type=kind, **_hf_family_switches(d), **cls._hf_extra_fields(d))
         theta, scaling = _hf_rope(d)
         fields.update(max_seq_len=d.get("max_position_embeddings", 2048), rope_theta=theta, rope_scaling=scaling,
                       norm_eps=d.get("rms_norm_eps", 1e-6), tie_embeddings=bool(d.get("tie_word_embeddings", False)),
@@ -212,6 +220,47 @@ class LlamaConfig:
             raise LmforgeError(f"config.json head_dim={head_dim} but hidden_size/num_attention_heads="
                                f"{cfg.head_dim}; a decoupled head_dim is not supported")
         return cfg
+
+
+@dataclass
+class MixtralConfig(LlamaConfig):
+    """Mixtral: Mistral's decoder with a sparse mixture of SwiGLU experts in place of each MLP (model/moe.py)."""
+
+    n_experts: int = 8
+    n_experts_per_tok: int = 2
+    router_aux_loss_coef: float = 0.001  # weight of the load-balancing loss added to the training loss
+    model_type: str = "mixtral"
+
+    MODEL_TYPES = ("mixtral",)
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("n_experts", "n_experts_per_tok"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise LmforgeError(f"MixtralConfig.{name} must be a positive integer, got {value!r}")
+        if self.n_experts_per_tok > self.n_experts:
+            raise LmforgeError(f"MixtralConfig: n_experts_per_tok ({self.n_experts_per_tok}) > n_experts "
+                               f"({self.n_experts})")
+        if not isinstance(self.router_aux_loss_coef, (int, float)) or self.router_aux_loss_coef < 0:
+            raise LmforgeError(f"MixtralConfig.router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef!r}")
+
+    def to_hf(self, dtype: str = "float32") -> dict[str, Any]:
+        return {**super().to_hf(dtype), "num_local_experts": self.n_experts,
+                "num_experts_per_tok": self.n_experts_per_tok, "router_aux_loss_coef": self.router_aux_loss_coef,
+                "output_router_logits": False, "router_jitter_noise": 0.0}
+
+    @classmethod
+    def _hf_extra_fields(cls, d: dict[str, Any]) -> dict[str, Any]:
+        if d.get("router_jitter_noise", 0.0):
+            raise LmforgeError("config.json (mixtral): router_jitter_noise is not supported")
+        return dict(n_experts=d.get("num_local_experts", 8), n_experts_per_tok=d.get("num_experts_per_tok", 2),
+                    router_aux_loss_coef=d.get("router_aux_loss_coef", 0.001))
+
+
+def config_from_hf(d: dict[str, Any]) -> LlamaConfig:
+    """The config class a config.json's model_type names, read from it."""
+    return (MixtralConfig if isinstance(d, dict) and d.get("model_type") == "mixtral" else LlamaConfig).from_hf(d)
 
 
 def _check_rope_scaling(scaling: dict[str, Any] | None) -> None:
@@ -296,6 +345,9 @@ def n_params(cfg: LlamaConfig, include_embeddings: bool = True) -> int:
     attn = c * cfg.n_heads * hd + 2 * c * cfg.n_kv_heads * hd + cfg.n_heads * hd * c  # q, k, v, o
     attn += cfg.qkv_bias * (cfg.n_heads + 2 * cfg.n_kv_heads) * hd + cfg.o_bias * c
     mlp = 3 * c * f + cfg.mlp_bias * (2 * f + c)  # gate, up, down
+    n_experts = getattr(cfg, "n_experts", None)
+    if n_experts:
+        mlp = n_experts * mlp + c * n_experts  # every expert's SwiGLU + the router
     per_layer = attn + mlp + 2 * c  # + two RMSNorm weights
     body = cfg.n_layers * per_layer + c  # + final norm
     if not include_embeddings:

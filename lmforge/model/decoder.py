@@ -4,6 +4,7 @@
     logits = model(idx)                                     # (B, T) int64 -> (B, T, V) float32, causal
     logits = model(idx, input_pos=pos, cache=cache)         # cached decoding, see docs/internals.md
     loss = model(idx, targets=y)                            # mean cross-entropy, the (B, T, V) logits never formed
+                                                            # (+ coef * load-balancing loss for a MixtralConfig)
 
 Module names follow HF `LlamaForCausalLM` minus its `model.` prefix (embed_tokens, layers.{i}.self_attn.q_proj,
 ..., norm, lm_head), so the checkpoint name map (lmforge/checkpoint/hf.py) only adds or strips that prefix and
@@ -25,6 +26,7 @@ from lmforge.model.config import LlamaConfig
 from lmforge.model.kernels import linears
 from lmforge.model.layers import RMSNorm, SwiGLU, rope_tables
 from lmforge.model.losses import linear_cross_entropy
+from lmforge.model.moe import MoE, load_balancing_loss
 
 
 class Block(nn.Module):
@@ -35,7 +37,9 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
+        n_experts = getattr(cfg, "n_experts", None)  # MixtralConfig: a sparse mixture of SwiGLU experts
+        self.mlp = (MoE(cfg.dim, cfg.ffn_dim, n_experts, cfg.n_experts_per_tok) if n_experts
+                    else SwiGLU(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Any = None,
                 input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -82,7 +86,10 @@ class Llama(nn.Module):
         elif isinstance(module, Block):
             std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
             nn.init.normal_(module.self_attn.o_proj.weight, mean=0.0, std=std)
-            nn.init.normal_(module.mlp.down_proj.weight, mean=0.0, std=std)
+            for mlp in (module.mlp.experts if isinstance(module.mlp, MoE) else [module.mlp]):
+                nn.init.normal_(mlp.down_proj.weight, mean=0.0, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
         # `apply` visits children before parents: a Block's projections get 0.02 first, then the scaled std.
 
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, cache: Any = None, *,
@@ -106,7 +113,13 @@ class Llama(nn.Module):
         x = self.norm(x)
         if targets is None:
             return linears(x, self.lm_head)[0].float()  # (B, T, V)
-        return self._loss(x, idx, targets, ignore_index)
+        loss = self._loss(x, idx, targets, ignore_index)
+        coef = getattr(self.cfg, "router_aux_loss_coef", 0.0)
+        if coef:  # MoE: the load-balancing loss joins the training loss (as HF's with output_router_logits)
+            self.aux_loss = load_balancing_loss([b.mlp.router_logits for b in self.layers], self.cfg.n_experts,
+                                                self.cfg.n_experts_per_tok)
+            loss = loss + coef * self.aux_loss
+        return loss
 
     def _loss(self, x: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
         """Mean cross-entropy of the head's logits for x (B, T, C); fused unless lm_head was swapped for another

@@ -38,16 +38,20 @@ ALLOWED: dict[str, frozenset[str]] = {
     "infer": frozenset({"common", "assets", "model"}),  # ids and logits only, never the tokenizer
     # text in, text out (`lmforge generate`, later `lmforge chat`): run dir + tokenizer + infer together
     "textgen": frozenset({"common", "assets", "tokenizer", "model", "checkpoint", "data", "infer"}),
-    "eval": frozenset({"common", "assets", "tokenizer", "model", "checkpoint", "data", "infer", "textgen"}),
-    "train": frozenset({"common", "assets", "tokenizer", "model", "checkpoint", "data", "infer", "textgen", "eval"}),
+    # text in, vectors out (`lmforge embed`): an encoder run dir + its tokenizer
+    "embed": frozenset({"common", "assets", "tokenizer", "model", "checkpoint", "data"}),
+    "eval": frozenset({"common", "assets", "tokenizer", "model", "checkpoint", "data", "infer", "textgen",
+                       "embed"}),
+    "train": frozenset({"common", "assets", "tokenizer", "model", "checkpoint", "data", "infer", "textgen", "embed",
+                        "eval"}),
     "compress": frozenset({"common", "assets", "tokenizer", "model", "checkpoint", "data", "infer", "textgen",
-                           "eval", "train"}),
+                           "embed", "eval", "train"}),
     "rag": frozenset({"common", "assets", "tokenizer", "model", "checkpoint", "data", "infer", "textgen",
-                      "eval", "train", "compress"}),
+                      "embed", "eval", "train", "compress"}),
     "agents": frozenset({"common", "assets", "tokenizer", "model", "checkpoint", "data", "infer", "textgen",
-                         "eval", "train", "compress", "rag"}),
+                         "embed", "eval", "train", "compress", "rag"}),
     "serve": frozenset({"common", "assets", "tokenizer", "model", "checkpoint", "data", "infer", "textgen",
-                        "eval", "train", "compress", "rag", "agents"}),
+                        "embed", "eval", "train", "compress", "rag", "agents"}),
     "cli": frozenset({ANY}),
     "__main__": frozenset({ANY}),
 }

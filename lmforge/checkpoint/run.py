@@ -35,13 +35,16 @@ DEFAULT_SHARD_BYTES = 5 * 2**30  # transformers v4's default max_shard_size
 # ---- save ----
 
 
-def save_run(model: torch.nn.Module, cfg: LlamaConfig, run_dir: str | os.PathLike, tokenizer: Any = None,
+def save_run(model: torch.nn.Module, cfg: Any, run_dir: str | os.PathLike, tokenizer: Any = None,
              meta: dict[str, Any] | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Write `model` (a Llama built from `cfg`) as a run directory; returns its path.
 
     `meta` is merged over lmforge.json's defaults (stage, args, metrics, parent, lmforge_version).
     `tokenizer` is anything with `.save(dir)` writing tokenizer.json + tokenizer_config.json (BPETokenizer).
     """
+    if not isinstance(cfg, LlamaConfig):  # a family with its own checkpoint module (GPT-2)
+        from lmforge.checkpoint import gpt2
+        return gpt2.save_gpt2(model, cfg, run_dir, tokenizer, meta, max_shard_bytes)
     run_dir = Path(run_dir)
     model = _unwrap(model)
     with torch.device("meta"):
@@ -140,10 +143,14 @@ def _atomic_save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
 # ---- load ----
 
 
-def load_config(run_dir: str | os.PathLike) -> LlamaConfig:
-    """The model config of a run directory (HF config.json, v4 or v5 layout)."""
-    run_dir = _existing_dir(run_dir)
-    return config_from_hf(_read_json(run_dir / CONFIG))
+def load_config(run_dir: str | os.PathLike) -> Any:
+    """The model config of a run directory (HF config.json, v4 or v5 layout): a LlamaConfig (llama, qwen2,
+    mistral), MixtralConfig or GPT2Config."""
+    d = _read_json(_existing_dir(run_dir) / CONFIG)
+    if isinstance(d, dict) and d.get("model_type") == "gpt2":
+        from lmforge.model.gpt2 import GPT2Config
+        return GPT2Config.from_hf(d)
+    return config_from_hf(d)
 
 
 def read_meta(run_dir: str | os.PathLike) -> dict[str, Any]:
@@ -153,14 +160,18 @@ def read_meta(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
-             dtype: torch.dtype | None = None) -> tuple[Llama, LlamaConfig]:
-    """Build the Llama a run directory describes and fill it with its weights; returns (model, cfg) in eval mode.
+             dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, Any]:
+    """Build the model (Llama family, Mixtral or GPT-2) a run directory describes and fill it with its weights;
+    returns (model, cfg) in eval mode.
 
     The model is built on the meta device (no random init of weights about to be overwritten), then the loaded
     tensors are assigned in place. `dtype` casts the weights (default: as stored).
     """
     run_dir = _existing_dir(run_dir)
     cfg = load_config(run_dir)
+    if not isinstance(cfg, LlamaConfig):  # a family with its own checkpoint module
+        from lmforge.checkpoint import gpt2
+        return gpt2.load_gpt2(run_dir, device, dtype)
     tensors = load_tensors(run_dir, device=device)
     with torch.device("meta"):
         model = Llama(cfg)

@@ -121,8 +121,8 @@ def test_missing_dir_and_config(tmp_path):
 def test_not_llama(run):
     run_dir, _, _ = run
     config = json.loads((run_dir / "config.json").read_text())
-    (run_dir / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
-    one_line_error(lambda: load_run(run_dir), "model_type 'gpt2'")
+    (run_dir / "config.json").write_text(json.dumps({**config, "model_type": "gpt_neox"}))
+    one_line_error(lambda: load_run(run_dir), "model_type 'gpt_neox'")
     (run_dir / "config.json").write_text("{not json")
     one_line_error(lambda: load_run(run_dir), "invalid JSON")
 

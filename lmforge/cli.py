@@ -8,11 +8,12 @@ import sys
 from lmforge import __version__
 from lmforge.common import LmforgeError
 
-# stage -> (module with main(argv), one-line summary). Later stages add themselves here.
+# stage -> (module with main(argv), or "module:function", one-line summary). Later stages add themselves here.
 STAGES = {
     "tokenizer": ("lmforge.tokenizer.cli", "train, encode, decode and measure byte-level BPE tokenizers"),
     "pretrain": ("lmforge.train.pretrain", "tokenize data and pretrain a Llama-family model (resumable)"),
     "generate": ("lmforge.textgen", "stream a continuation from a run directory (sampling, stop strings)"),
+    "chat": ("lmforge.textgen:chat_main", "chat in the terminal with a run's model, using its chat template"),
     "eval": ("lmforge.eval.cli", "evaluate a run directory (perplexity, ...)"),
 }
 
@@ -34,9 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] not in STAGES:
         print(f"lmforge: error: unknown stage {argv[0]!r}\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(STAGES[argv[0]][0])
+    module_name, _, function = STAGES[argv[0]][0].partition(":")  # "module" runs main(), "module:fn" runs fn()
+    entry = getattr(importlib.import_module(module_name), function or "main")
     try:
-        return int(module.main(argv[1:]) or 0)
+        return int(entry(argv[1:]) or 0)
     except LmforgeError as e:
         print(f"lmforge {argv[0]}: error: {e}", file=sys.stderr)
         return 2

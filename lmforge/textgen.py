@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import torch
 
@@ -34,13 +35,46 @@ def load_for_generation(run: str | Path, device: str | None = None) -> tuple[tor
     return model.eval(), tok
 
 
-def stream_text(model: torch.nn.Module, tok: BPETokenizer, prompt: str, params: SamplingParams) -> Iterator[str]:
-    """Yield the continuation of `prompt` as text chunks: stop strings removed, never half a character."""
-    cfg = model.cfg
-    ids = tok.encode(prompt)
-    if cfg.bos_token_id is not None:
-        ids = [cfg.bos_token_id, *ids]
-    yield from stream_ids(model, tok, ids, params)
+def prompt_prefix(run: str | Path, tok: BPETokenizer) -> list[int]:
+    """The ids HF's tokenizer puts before a prompt, so `generate` sees what transformers would feed the model.
+
+    From tokenizer.json's post-processor (a TemplateProcessing's special tokens before `$A`, as Llama 3's
+    `<|begin_of_text|>`), else tokenizer_config.json's `add_bos_token` with its `bos_token`; otherwise nothing
+    (GPT-2 and lmforge's own tokenizers add no BOS).
+    """
+    run = Path(run)
+    doc = _json_or_none(run / "tokenizer.json") or {}
+    post = doc.get("post_processor") or {}
+    steps = post.get("processors", []) if post.get("type") == "Sequence" else [post]
+    for step in steps:
+        if isinstance(step, dict) and step.get("type") == "TemplateProcessing":
+            prefix: list[int] = []
+            for item in step.get("single", []):
+                if "Sequence" in item:
+                    return prefix
+                name = item.get("SpecialToken", {}).get("id")
+                prefix += step.get("special_tokens", {}).get(name, {}).get("ids", [])
+            return prefix
+    config = _json_or_none(run / "tokenizer_config.json") or {}
+    bos = config.get("bos_token")
+    bos = bos.get("content") if isinstance(bos, dict) else bos
+    if config.get("add_bos_token") and isinstance(bos, str):
+        return tok.encode(bos, allowed_special="all")
+    return []
+
+
+def _json_or_none(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def stream_text(model: torch.nn.Module, tok: BPETokenizer, prompt: str, params: SamplingParams,
+                prefix: Sequence[int] = ()) -> Iterator[str]:
+    """Yield the continuation of `prefix` + `prompt` as text chunks: stop strings removed, never half a
+    character. `prefix`: what the tokenizer adds before a prompt (`prompt_prefix`)."""
+    yield from stream_ids(model, tok, [*prefix, *tok.encode(prompt)], params)
 
 
 def stream_ids(model: torch.nn.Module, tok: BPETokenizer, ids: Sequence[int], params: SamplingParams) -> Iterator[str]:
@@ -96,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     params = sampling_params(args)
     model, tok = load_for_generation(args.model, args.device)
-    for chunk in stream_text(model, tok, args.prompt, params):
+    for chunk in stream_text(model, tok, args.prompt, params, prompt_prefix(args.model, tok)):
         sys.stdout.write(chunk)
         sys.stdout.flush()
     sys.stdout.write("\n")

@@ -113,12 +113,18 @@ def test_greedy_prints_only_the_continuation(run, tok, capsys):
     assert text.isascii() and text.isprintable()
 
 
-def test_bos_is_prepended(tok, tmp_path, capsys):
+def test_bos_is_prepended_when_the_tokenizer_adds_it(tok, tmp_path, capsys):
+    """As HF's tokenizer: config.json's bos id alone adds nothing; tokenizer_config.json's add_bos_token does."""
+    import json
+
     model = tiny_model(tok.vocab_size, seed=1, bos_token_id=tok.token_to_id(EOT))
     save_run(model, model.cfg, tmp_path, tokenizer=tok)
     ids = expected_ids(model, tok)
     without = list(generate(model, tok.encode(PROMPT), SamplingParams(temperature=0, max_new_tokens=N)))
     assert ids != without  # the bos token changes the continuation, so this test can tell
+    assert greedy_cli(capsys, str(tmp_path)) == tok.decode(without)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": True, "bos_token": EOT}))
     assert greedy_cli(capsys, str(tmp_path)) == tok.decode(ids)
 
 
@@ -278,3 +284,22 @@ def test_python_dash_m_lmforge_generate(run, tok):
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
     assert r.stdout == tok.decode(expected_ids(model, tok)) + "\n"
+
+
+def test_prompt_prefix_follows_the_tokenizer(tok, tmp_path):
+    """BOS before a prompt only where HF's tokenizer would add it (post-processor template or add_bos_token)."""
+    import json
+
+    from lmforge.textgen import prompt_prefix
+
+    tok.save(tmp_path)
+    assert prompt_prefix(tmp_path, tok) == []  # our own tokenizer.json: ByteLevel post-processor, no BOS
+    doc = json.loads((tmp_path / "tokenizer.json").read_text())
+    bos = tok.encode(EOT, allowed_special="all")
+    doc["post_processor"] = {"type": "Sequence", "processors": [
+        {"type": "ByteLevel"},
+        {"type": "TemplateProcessing",
+         "single": [{"SpecialToken": {"id": EOT, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+         "special_tokens": {EOT: {"id": EOT, "ids": bos, "tokens": [EOT]}}}]}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(doc))
+    assert prompt_prefix(tmp_path, tok) == bos

@@ -27,6 +27,7 @@ from lmforge.checkpoint.hf import expected_hf_shapes, from_hf_state_dict, to_hf_
 from lmforge.common import LmforgeError, atomic_write_text, read_text_file
 from lmforge.model.config import LlamaConfig, MixtralConfig, config_from_hf
 from lmforge.model.decoder import Llama
+from lmforge.model.lab import LabConfig
 
 CONFIG, WEIGHTS, INDEX, META = "config.json", "model.safetensors", "model.safetensors.index.json", "lmforge.json"
 DEFAULT_SHARD_BYTES = 5 * 2**30  # transformers v4's default max_shard_size
@@ -42,6 +43,9 @@ def save_run(model: torch.nn.Module, cfg: Any, run_dir: str | os.PathLike, token
     `meta` is merged over lmforge.json's defaults (stage, args, metrics, parent, lmforge_version).
     `tokenizer` is anything with `.save(dir)` writing tokenizer.json + tokenizer_config.json (BPETokenizer).
     """
+    if isinstance(cfg, LabConfig):  # the ablation decoder: lmforge's own layout, no config.json
+        from lmforge.checkpoint import lab
+        return lab.save_lab(model, cfg, run_dir, tokenizer, meta, max_shard_bytes)
     if not isinstance(cfg, LlamaConfig):  # a family with its own checkpoint module (GPT-2)
         from lmforge.checkpoint import gpt2
         return gpt2.save_gpt2(model, cfg, run_dir, tokenizer, meta, max_shard_bytes)
@@ -145,7 +149,10 @@ def _atomic_save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 def load_config(run_dir: str | os.PathLike) -> Any:
     """The model config of a run directory (HF config.json, v4 or v5 layout): a LlamaConfig (llama, qwen2,
-    mistral), MixtralConfig or GPT2Config."""
+    mistral), MixtralConfig or GPT2Config; a LabConfig from lmforge.json for a lab run (no config.json)."""
+    from lmforge.checkpoint import lab
+    if lab.is_lab_run(_existing_dir(run_dir)):
+        return lab.load_lab_config(run_dir)
     d = _read_json(_existing_dir(run_dir) / CONFIG)
     if isinstance(d, dict) and d.get("model_type") == "gpt2":
         from lmforge.model.gpt2 import GPT2Config
@@ -161,14 +168,17 @@ def read_meta(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
              dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, Any]:
-    """Build the model (Llama family, Mixtral or GPT-2) a run directory describes and fill it with its weights;
-    returns (model, cfg) in eval mode.
+    """Build the model (Llama family, Mixtral, GPT-2 or the lab decoder) a run directory describes and fill it
+    with its weights; returns (model, cfg) in eval mode.
 
     The model is built on the meta device (no random init of weights about to be overwritten), then the loaded
     tensors are assigned in place. `dtype` casts the weights (default: as stored).
     """
     run_dir = _existing_dir(run_dir)
     cfg = load_config(run_dir)
+    if isinstance(cfg, LabConfig):
+        from lmforge.checkpoint import lab
+        return lab.load_lab(run_dir, device, dtype)
     if not isinstance(cfg, LlamaConfig):  # a family with its own checkpoint module
         from lmforge.checkpoint import gpt2
         return gpt2.load_gpt2(run_dir, device, dtype)

@@ -2,10 +2,12 @@
 
     lmforge pretrain --data corpus/ --tokenizer tok/ --depth 4 --out runs/tiny --time-budget 5m
     lmforge pretrain --out runs/tiny --resume --max-steps 2000        # continue exactly where it stopped
+    lmforge pretrain ... --depth 4 --arch lab --lab-config '{"position": "alibi", "mlp": "geglu"}'   # an ablation
 
 Data: text / jsonl / parquet files or directories are tokenized into RUN/data/ (train.bin, val.bin,
 meta.json); a single PATH that already is a shard directory (has meta.json) is used as it is. The model is
-`LlamaConfig.from_depth(N)` or a named preset, with the tokenizer's vocabulary size and its end-of-text id.
+`LlamaConfig.from_depth(N)` or a named preset, with the tokenizer's vocabulary size and its end-of-text id;
+with `--arch lab`, `LabConfig.from_depth(N)` with the switches of `--lab-config` (docs/lab.md).
 Validation reports loss, perplexity and bits per byte (eval.perplexity) next to a unigram baseline (token
 frequencies of the train split, add-one smoothing): a trained model has to beat it to have learned context.
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import re
 import sys
 from pathlib import Path
@@ -32,7 +35,7 @@ from lmforge.checkpoint import load_config, read_meta, save_run
 from lmforge.common import LmforgeError, pick_device, seed_everything
 from lmforge.data import BatchStream, TokenShards, build_shards, check_vocab
 from lmforge.eval.perplexity import IGNORE_INDEX, token_byte_lengths, unigram_perplexity
-from lmforge.model import PRESETS, Llama, LlamaConfig, flops_per_token, suggested_lr
+from lmforge.model import PRESETS, LabConfig, LabDecoder, Llama, LlamaConfig, flops_per_token, lab, suggested_lr
 from lmforge.tokenizer import load_tokenizer
 from lmforge.train.loop import TrainConfig, has_checkpoint, perplexity_eval, train
 from lmforge.train.optim import SCHEDULES
@@ -43,7 +46,7 @@ DEFAULTS: dict[str, Any] = {
     "time_budget": None, "batch_size": 8, "seq_len": 256, "lr": None, "grad_accum": 1, "compile": None,
     "eval_every": 250, "save_every": 500, "log_every": 10, "seed": 0, "warmup": None, "schedule": "cosine",
     "schedule_steps": None, "weight_decay": 0.1, "grad_clip": 1.0, "min_lr_ratio": 0.1, "val_fraction": 0.01,
-    "eval_tokens": 32768, "device": None, "progress": True,
+    "eval_tokens": 32768, "device": None, "progress": True, "arch": "llama", "lab_config": None,
 }
 
 
@@ -55,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--depth", type=int, help="model size dial: n_layers = depth, dim = 64 * depth")
     size.add_argument("--preset", help=f"named size: {', '.join(PRESETS)}")
+    a("--arch", choices=["llama", "lab"], help="llama (default), or lab: the ablation decoder of docs/lab.md")
+    a("--lab-config", metavar="JSON", help='--arch lab switches and fields, e.g. \'{"position": "alibi"}\'')
     a("--out", required=True, metavar="RUN", help="run directory to write (or to continue with --resume)")
     a("--max-steps", type=int, help="optimizer updates to train for")
     a("--time-budget", help="wall-clock budget: 90s, 5m, 1h (training stops at the first of the two limits)")
@@ -113,6 +118,7 @@ def resolve_args(ns: argparse.Namespace) -> dict[str, Any]:
             raise LmforgeError(f"--{name} is required")
     if args["depth"] is None and args["preset"] is None:
         raise LmforgeError("give the model size: --depth N or --preset NAME")
+    args["lab_config"] = _lab_switches(args)
     if args["preset"] is not None and args["preset"] not in PRESETS:
         raise LmforgeError(f"unknown preset {args['preset']!r}; choose one of {', '.join(PRESETS)}")
     if args["max_steps"] is None and args["time_budget"] is None:
@@ -124,6 +130,29 @@ def resolve_args(ns: argparse.Namespace) -> dict[str, Any]:
     args["data"] = [str(p) for p in args["data"]]
     args["tokenizer"], args["out"] = str(args["tokenizer"]), str(run_dir)
     return args
+
+
+def _lab_switches(args: dict) -> dict[str, Any] | None:
+    """--lab-config as a dict (given as JSON text, or already a dict when read back from lmforge.json)."""
+    text = args["lab_config"]
+    if args["arch"] != "lab":
+        if text is not None:
+            raise LmforgeError("--lab-config needs --arch lab")
+        return None
+    if args["preset"] is not None:
+        raise LmforgeError("--arch lab takes its size from --depth (the presets are Llama shapes)")
+    if text is None or isinstance(text, dict):
+        return text or {}
+    try:
+        switches = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise LmforgeError(f"--lab-config is not valid JSON: {e}") from None
+    if not isinstance(switches, dict):
+        raise LmforgeError(f"--lab-config must be a JSON object of LabConfig fields, got {text!r}")
+    taken = sorted({"vocab_size", "eos_token_id"} & set(switches))
+    if taken:
+        raise LmforgeError(f"--lab-config cannot set {', '.join(taken)}: they come from the tokenizer")
+    return switches
 
 
 def prepare_data(args: dict, tokenizer: Any) -> Path:
@@ -139,14 +168,18 @@ def prepare_data(args: dict, tokenizer: Any) -> Path:
     return out
 
 
-def model_config(args: dict, tokenizer: Any, eos_id: int) -> LlamaConfig:
-    """From --depth or --preset with the tokenizer's vocabulary; on --resume, the run's own config.json."""
+def model_config(args: dict, tokenizer: Any, eos_id: int) -> LlamaConfig | LabConfig:
+    """From --depth or --preset with the tokenizer's vocabulary; on --resume, the run's own saved config."""
     vocab = tokenizer.vocab_size
-    if args["resume"] and (Path(args["out"]) / "config.json").is_file():
+    out = Path(args["out"])
+    if args["resume"] and ((out / "config.json").is_file() or (read_meta(out).get("model") or {}).get("arch")):
         cfg = load_config(args["out"])
         if cfg.vocab_size != vocab:
             raise LmforgeError(f"tokenizer/model vocab mismatch: the tokenizer has {vocab} ids, the model in "
                                f"{args['out']} has {cfg.vocab_size}; resume with the tokenizer it was trained with")
+    elif args["arch"] == "lab":
+        fields = {"max_seq_len": args["seq_len"], **args["lab_config"], "eos_token_id": eos_id}
+        cfg = LabConfig.from_depth(args["depth"], vocab, **fields)
     elif args["preset"] is not None:
         cfg = dataclasses.replace(PRESETS[args["preset"]], vocab_size=vocab, eos_token_id=eos_id)
     else:
@@ -175,7 +208,8 @@ def train_counts(shards: TokenShards, vocab_size: int, chunk: int = 1 << 24) -> 
     return counts
 
 
-def train_config(args: dict, model_cfg: LlamaConfig) -> TrainConfig:
+def train_config(args: dict, model_cfg: LlamaConfig | LabConfig) -> TrainConfig:
+    flops = lab.flops_per_token if isinstance(model_cfg, LabConfig) else flops_per_token
     return TrainConfig(
         max_steps=args["max_steps"], time_budget_s=parse_duration(args["time_budget"]) if args["time_budget"] else None,
         schedule_steps=args["schedule_steps"], lr=args["lr"], schedule=args["schedule"],
@@ -183,7 +217,7 @@ def train_config(args: dict, model_cfg: LlamaConfig) -> TrainConfig:
         grad_clip=args["grad_clip"], grad_accum=args["grad_accum"], device=args["device"], compile=args["compile"],
         log_every=args["log_every"], eval_every=args["eval_every"], save_every=args["save_every"],
         seed=args["seed"], resume=args["resume"], progress=args["progress"],
-        flops_per_token=flops_per_token(model_cfg, args["seq_len"])).validate()
+        flops_per_token=flops(model_cfg, args["seq_len"])).validate()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                            "larger --val-fraction")
     baseline = unigram_perplexity(train_counts(train_split, model_cfg.vocab_size), val_tokens, token_bytes)
     seed_everything(args["seed"])
-    model = Llama(model_cfg)
+    model = LabDecoder(model_cfg) if isinstance(model_cfg, LabConfig) else Llama(model_cfg)
     eval_fn = perplexity_eval(val_tokens, args["seq_len"], args["batch_size"], token_bytes)
 
     def save_fn(m: torch.nn.Module, info: dict) -> None:

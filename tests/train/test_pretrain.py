@@ -205,3 +205,38 @@ def test_ctrl_c_on_a_real_process_saves_and_exits_130(corpus, tmp_path):
     assert step >= 3
     assert main(["--out", str(run), "--resume", "--max-steps", str(step + 2), "--no-progress"]) == 0
     assert sorted(losses(run))[-1] == step + 2
+
+
+def test_pretrain_arch_lab_end_to_end_and_resume(corpus, tmp_path):
+    lab_cfg = '{"position": "alibi", "norm": "layernorm", "mlp": "geglu", "max_seq_len": 64}'
+    full, part = tmp_path / "full", tmp_path / "part"
+    extra = ["--arch", "lab", "--lab-config", lab_cfg, "--schedule-steps", "6", "--eval-every", "0"]
+    assert main(argv(corpus, full, "--max-steps", "6", *extra)) == 0
+    assert main(argv(corpus, part, "--max-steps", "3", *extra)) == 0
+    assert main(["--out", str(part), "--resume", "--max-steps", "6", "--no-progress"]) == 0
+    assert losses(part) == losses(full)
+    from lmforge.checkpoint import load_run
+    from lmforge.model.lab import LabConfig
+
+    _, cfg = load_run(full)
+    assert isinstance(cfg, LabConfig) and (cfg.position, cfg.norm, cfg.mlp, cfg.max_seq_len) == (
+        "alibi", "layernorm", "geglu", 64)
+    assert cfg.vocab_size == 300 and cfg.n_layers == 1 and cfg.eos_token_id is not None
+    meta = json.loads((full / "lmforge.json").read_text())
+    assert meta["args"]["arch"] == "lab" and meta["metrics"]["val_perplexity"] > 0
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--lab-config", "{}"], "--lab-config needs --arch lab"),
+    (["--arch", "lab", "--lab-config", "{bad"], "not valid JSON"),
+    (["--arch", "lab", "--lab-config", "[1]"], "JSON object"),
+    (["--arch", "lab", "--lab-config", '{"vocab_size": 9}'], "cannot set vocab_size"),
+])
+def test_lab_option_errors(corpus, tmp_path, extra, match):
+    with pytest.raises(LmforgeError, match=match):
+        main(argv(corpus, tmp_path / "run", "--max-steps", "1", *extra))
+
+
+def test_lab_config_typo_is_an_error(corpus, tmp_path):
+    with pytest.raises(LmforgeError, match="unknown LabConfig keys: postion"):
+        main(argv(corpus, tmp_path / "run", "--max-steps", "1", "--arch", "lab", "--lab-config", '{"postion": "x"}'))

@@ -12,7 +12,9 @@ from lmforge.common import LmforgeError
 STAGES = {
     "tokenizer": ("lmforge.tokenizer.cli", "train, encode, decode and measure byte-level BPE tokenizers"),
     "pretrain": ("lmforge.train.pretrain", "tokenize data and pretrain a Llama-family model (resumable)"),
+    "convert": ("lmforge.checkpoint.convert", "convert a GGUF file or an HF directory into a run directory"),
     "generate": ("lmforge.textgen", "stream a continuation from a run directory (sampling, stop strings)"),
+    "embed": ("lmforge.embed", "sentence embeddings from a BERT encoder run (or a sentence-transformers dir)"),
     "chat": ("lmforge.textgen:chat_main", "chat in the terminal with a run's model, using its chat template"),
     "eval": ("lmforge.eval.cli", "evaluate a run directory (perplexity, ...)"),
 }

@@ -12,6 +12,7 @@ so a crash leaves the old file or the new one, never half of one.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import tempfile
@@ -28,6 +29,23 @@ from lmforge.common import LmforgeError, atomic_write_text, read_text_file
 from lmforge.model.config import LlamaConfig, MixtralConfig, config_from_hf
 from lmforge.model.decoder import Llama
 from lmforge.model.lab import LabConfig
+
+# Families with their own checkpoint module, by config.json model_type: (config class, checkpoint module, its save
+# and load functions). The Llama family (llama, qwen2, mistral, mixtral) is handled in this file.
+FAMILIES = {
+    "gpt2": ("lmforge.model.gpt2:GPT2Config", "lmforge.checkpoint.gpt2", "save_gpt2", "load_gpt2"),
+    "t5": ("lmforge.model.encdec:T5Config", "lmforge.checkpoint.t5", "save_t5", "load_t5"),
+    "bert": ("lmforge.model.encoder:BertConfig", "lmforge.checkpoint.bert", "save_bert", "load_bert"),
+}
+
+
+def _family(config_class: str) -> tuple[Any, str, str]:
+    """(checkpoint module, save name, load name) of the family whose config class is `config_class`."""
+    for cls, module, save, load in FAMILIES.values():
+        if cls.endswith(":" + config_class):
+            return importlib.import_module(module), save, load
+    raise LmforgeError(f"no run-directory format for {config_class}")
+
 
 CONFIG, WEIGHTS, INDEX, META = "config.json", "model.safetensors", "model.safetensors.index.json", "lmforge.json"
 DEFAULT_SHARD_BYTES = 5 * 2**30  # transformers v4's default max_shard_size
@@ -46,9 +64,9 @@ def save_run(model: torch.nn.Module, cfg: Any, run_dir: str | os.PathLike, token
     if isinstance(cfg, LabConfig):  # the ablation decoder: lmforge's own layout, no config.json
         from lmforge.checkpoint import lab
         return lab.save_lab(model, cfg, run_dir, tokenizer, meta, max_shard_bytes)
-    if not isinstance(cfg, LlamaConfig):  # a family with its own checkpoint module (GPT-2)
-        from lmforge.checkpoint import gpt2
-        return gpt2.save_gpt2(model, cfg, run_dir, tokenizer, meta, max_shard_bytes)
+    if not isinstance(cfg, LlamaConfig):  # a family with its own checkpoint module (GPT-2, T5, BERT)
+        module, save, _ = _family(type(cfg).__name__)
+        return getattr(module, save)(model, cfg, run_dir, tokenizer, meta=meta, max_shard_bytes=max_shard_bytes)
     run_dir = Path(run_dir)
     model = _unwrap(model)
     with torch.device("meta"):
@@ -149,14 +167,16 @@ def _atomic_save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 def load_config(run_dir: str | os.PathLike) -> Any:
     """The model config of a run directory (HF config.json, v4 or v5 layout): a LlamaConfig (llama, qwen2,
-    mistral), MixtralConfig or GPT2Config; a LabConfig from lmforge.json for a lab run (no config.json)."""
+    mistral), MixtralConfig, GPT2Config, T5Config or BertConfig; for a lab run (no config.json) the LabConfig
+    in lmforge.json."""
     from lmforge.checkpoint import lab
     if lab.is_lab_run(_existing_dir(run_dir)):
         return lab.load_lab_config(run_dir)
     d = _read_json(_existing_dir(run_dir) / CONFIG)
-    if isinstance(d, dict) and d.get("model_type") == "gpt2":
-        from lmforge.model.gpt2 import GPT2Config
-        return GPT2Config.from_hf(d)
+    kind = d.get("model_type") if isinstance(d, dict) else None
+    if kind in FAMILIES:
+        module_name, class_name = FAMILIES[kind][0].split(":")
+        return getattr(importlib.import_module(module_name), class_name).from_hf(d)
     return config_from_hf(d)
 
 
@@ -180,8 +200,8 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
         from lmforge.checkpoint import lab
         return lab.load_lab(run_dir, device, dtype)
     if not isinstance(cfg, LlamaConfig):  # a family with its own checkpoint module
-        from lmforge.checkpoint import gpt2
-        return gpt2.load_gpt2(run_dir, device, dtype)
+        module, _, load = _family(type(cfg).__name__)
+        return getattr(module, load)(run_dir, device, dtype)
     tensors = load_tensors(run_dir, device=device)
     with torch.device("meta"):
         model = Llama(cfg)

@@ -448,11 +448,15 @@ static size_t merge_heap(const Encoder *e, uint32_t *ids, int32_t *nxt, int32_t 
 }
 
 #define LINEAR_MAX 128
+#define NO_BYTE 0xFFFFFFFFu /* byte_id of a byte the vocabulary has no token for */
 
 /* Encode one pre-tokenized piece, appending ids. */
 static void encode_piece(const Encoder *e, const uint8_t *p, size_t n, IdBuf *out, Scratch *sc,
                          CacheSlot *cache) {
-    if (n == 1) { idbuf_push(out, e->byte_id[p[0]]); return; }
+    if (n == 1) {
+        if (e->byte_id[p[0]] != NO_BYTE) idbuf_push(out, e->byte_id[p[0]]);
+        return;
+    }
     uint64_t h = 0;
     if (e->ignore_merges || (cache && n <= CACHE_MAXB)) h = hash_bytes(p, n);
     if (e->ignore_merges) {
@@ -468,8 +472,12 @@ static void encode_piece(const Encoder *e, const uint8_t *p, size_t n, IdBuf *ou
         }
     }
     if (scratch_reserve(sc, n) < 0) { out->oom = 1; return; }
-    for (size_t k = 0; k < n; k++) sc->ids[k] = e->byte_id[p[k]];
-    size_t m = n <= LINEAR_MAX ? merge_linear(e, sc->ids, sc->ranks, n) : merge_heap(e, sc->ids, sc->nxt, sc->prv, n);
+    size_t kept = 0; /* bytes without a token are dropped (vocabularies that lack a few bytes), as in HF */
+    for (size_t k = 0; k < n; k++)
+        if (e->byte_id[p[k]] != NO_BYTE) sc->ids[kept++] = e->byte_id[p[k]];
+    size_t m = kept < 2 ? kept
+             : kept <= LINEAR_MAX ? merge_linear(e, sc->ids, sc->ranks, kept)
+                                  : merge_heap(e, sc->ids, sc->nxt, sc->prv, kept);
     if (m == (size_t)-1) { out->oom = 1; return; }
     for (size_t k = 0; k < m; k++) idbuf_push(out, sc->ids[k]);
     if (slot && m <= CACHE_MAXIDS) {
@@ -778,8 +786,7 @@ static int Encoder_init(Encoder *e, PyObject *args, PyObject *kw) {
     for (int b = 0; b < 256; b++) {
         uint8_t c = (uint8_t)b;
         int64_t id = tok_lookup(e, &c, 1, hash_bytes(&c, 1));
-        if (id < 0) { PyErr_Format(PyExc_ValueError, "not a byte-level vocabulary: byte 0x%02X has no token", b); goto fail0; }
-        e->byte_id[b] = (uint32_t)id;
+        e->byte_id[b] = id < 0 ? NO_BYTE : (uint32_t)id; /* a byte with no token is dropped, as HF tokenizers do */
     }
     if (pairs == Py_None) { /* tiktoken: every split (a, b) of token t with a and b tokens ranks as t */
         if (pairmap_init(&e->pairs, (size_t)nt * 4) < 0) { PyErr_NoMemory(); goto fail0; }

@@ -61,10 +61,9 @@ class BPETokenizer:
         self._token_id = {b: i for i, b in enumerate(tokens) if b is not None}
         if len(self._token_id) != sum(b is not None for b in tokens):
             raise LmforgeError("vocabulary has duplicate tokens")
-        missing = [b for b in range(256) if bytes([b]) not in self._token_id]
-        if missing:
-            raise LmforgeError(f"not a byte-level vocabulary: byte 0x{missing[0]:02X} has no token")
-        self._byte_id = [self._token_id[bytes([b])] for b in range(256)]
+        # A byte without a token (real vocabularies such as SmolLM2's lack bytes that never occur in UTF-8 text)
+        # is dropped from the input, as HF tokenizers and llama.cpp do; -1 marks it.
+        self._byte_id = [self._token_id.get(bytes([b]), -1) for b in range(256)]
         self._pair_rank: dict[tuple[int, int], tuple[int, int]] = {}
         pairs_c = None
         if merges is not None:
@@ -224,11 +223,9 @@ class BPETokenizer:
     # ------------------------------------------------------------------ the reference merge engine
     def encode_piece_py(self, piece: bytes) -> list[int]:
         """Reference BPE on one pre-tokenized piece: join the lowest-ranked adjacent pair until none is left."""
-        if len(piece) == 1:
-            return [self._byte_id[piece[0]]]
         if self.ignore_merges and piece in self._token_id:
             return [self._token_id[piece]]
-        ids = [self._byte_id[b] for b in piece]
+        ids = [self._byte_id[b] for b in piece if self._byte_id[b] >= 0]
         while len(ids) > 1:
             best = None  # (rank, position, merged id)
             for k in range(len(ids) - 1):

@@ -179,3 +179,25 @@ def test_bad_index(tmp_path):
     index["weight_map"]["model.norm.weight"] = "../elsewhere.safetensors"
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     one_line_error(lambda: load_run(tmp_path), "outside the run directory")
+
+
+@pytest.mark.parametrize("family", ["t5", "bert", "gpt2"])
+def test_save_run_and_load_run_reach_every_family(tmp_path, family):
+    """save_run/load_run dispatch on the config (and config.json's model_type) to each family's own module."""
+    from lmforge.model.encdec import T5, T5Config
+    from lmforge.model.encoder import Bert, BertConfig
+    from lmforge.model.gpt2 import GPT2, GPT2Config
+
+    torch.manual_seed(0)
+    build = {"t5": (T5, T5Config(vocab_size=50, dim=32, n_layers=1, n_heads=2)),
+             "bert": (Bert, BertConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2)),
+             "gpt2": (GPT2, GPT2Config(vocab_size=50, dim=32, n_layers=1, n_heads=2))}
+    cls, cfg = build[family]
+    model = cls(cfg).eval()
+    save_run(model, cfg, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == family
+    assert type(load_config(tmp_path)) is type(cfg)
+    back, back_cfg = load_run(tmp_path)
+    assert type(back) is cls and type(back_cfg) is type(cfg)
+    for (name, a), (_, b) in zip(sorted(model.state_dict().items()), sorted(back.state_dict().items())):
+        assert torch.equal(a, b), name

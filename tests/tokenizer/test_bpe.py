@@ -118,9 +118,19 @@ def test_encode_rejects_non_str(trained):
         trained["gpt4"].encode(b"bytes")
 
 
-def test_vocabulary_must_be_byte_level():
-    with pytest.raises(LmforgeError, match="byte 0x00 has no token"):
-        BPETokenizer([bytes([b]) for b in range(1, 256)], [], "gpt2")
+def test_bytes_without_a_token_are_dropped():
+    """Real vocabularies (SmolLM2) lack bytes that never occur in UTF-8; such bytes are dropped, as HF tokenizers
+    and llama.cpp drop them, in both engines."""
+    tokens = [bytes([b]) for b in range(256) if b not in (0x00, 0xFF)] + [b"ab"]
+    merges = [(tokens.index(b"a"), tokens.index(b"b"))]
+    for backend in ("python", "compiled") if has_compiled_core() else ("python",):
+        tok = BPETokenizer(tokens, merges, "gpt2").with_backend(backend)
+        assert tok.encode_bytes(b"ab\x00b") == [tokens.index(b"ab"), tokens.index(b"b")], backend
+        assert tok.encode_bytes(b"\xff") == [] and tok.encode_bytes(b"\x00\xffa") == [tokens.index(b"a")]
+        assert tok.decode(tok.encode("x\x00y")) == "xy"
+
+
+def test_vocabulary_must_not_repeat_tokens():
     with pytest.raises(LmforgeError, match="duplicate"):
         BPETokenizer([bytes([b]) for b in range(256)] + [b"a"], [], "gpt2")
     with pytest.raises(LmforgeError, match="merge 0"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import sys
 from collections.abc import Iterator, Sequence
@@ -21,6 +22,7 @@ from lmforge.checkpoint.run import load_run
 from lmforge.common import LmforgeError, pick_device
 from lmforge.infer.generate import eos_ids, generate
 from lmforge.infer.sampling import SamplingParams
+from lmforge.infer.seq2seq import generate_seq2seq
 from lmforge.infer.stopping import StopChecker, Utf8Stream
 from lmforge.tokenizer import BPETokenizer, load_tokenizer
 from lmforge.tokenizer.chat import ChatTemplate, encode_chat, end_of_turn_token, load_chat_template
@@ -77,6 +79,11 @@ def stream_text(model: torch.nn.Module, tok: BPETokenizer, prompt: str, params: 
     yield from stream_ids(model, tok, [*prefix, *tok.encode(prompt)], params)
 
 
+def is_encoder_decoder(model: torch.nn.Module) -> bool:
+    """An encoder-decoder (T5): generation runs `generate_seq2seq` on the prompt as the encoder's input."""
+    return callable(getattr(model, "encode", None)) and callable(getattr(model, "shift_right", None))
+
+
 def stream_ids(model: torch.nn.Module, tok: BPETokenizer, ids: Sequence[int], params: SamplingParams) -> Iterator[str]:
     """Yield the continuation of the prompt `ids` as text chunks. The config's eos ids and `params.stop_token_ids`
     end the text unprinted; stop strings are removed; a character is never split between chunks."""
@@ -84,7 +91,13 @@ def stream_ids(model: torch.nn.Module, tok: BPETokenizer, ids: Sequence[int], pa
     table = tok.vocab_bytes(cfg.vocab_size)
     checker = StopChecker(params.stop, table, [*eos_ids(cfg.eos_token_id), *params.stop_token_ids])
     utf8 = Utf8Stream()
-    for t in generate(model, ids, params, eos_token_id=cfg.eos_token_id, token_bytes=table):
+    if is_encoder_decoder(model):  # T5: the prompt is the encoder's input, ending in </s> as HF's T5 tokenizer ends it
+        steps = generate_seq2seq(model, [[*ids, *eos_ids(cfg.eos_token_id)[:1]]], params,
+                                 eos_token_id=cfg.eos_token_id, token_bytes=table)
+        stream: Iterator[int] = itertools.takewhile(lambda t: t is not None, (s[0] for s in steps))
+    else:
+        stream = generate(model, ids, params, eos_token_id=cfg.eos_token_id, token_bytes=table)
+    for t in stream:
         result = checker.feed(t)
         chunk = utf8.feed(result.emit)
         if chunk:
@@ -241,6 +254,9 @@ def chat_main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout
     params = sampling_params(args)
     template = load_chat_template(args.model)  # before the weights: a run that cannot chat fails fast
     model, tok = load_for_generation(args.model, args.device)
+    if is_encoder_decoder(model):
+        raise LmforgeError(f"{args.model} is an encoder-decoder model; chat needs a decoder-only model with a chat "
+                           f"template")
     session = ChatSession(model, tok, template, params, system=args.system)
     interactive = stdin is None and stdout is None and sys.stdin.isatty() and sys.stdout.isatty()
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout

@@ -303,3 +303,37 @@ def test_prompt_prefix_follows_the_tokenizer(tok, tmp_path):
          "special_tokens": {EOT: {"id": EOT, "ids": bos, "tokens": [EOT]}}}]}
     (tmp_path / "tokenizer.json").write_text(json.dumps(doc))
     assert prompt_prefix(tmp_path, tok) == bos
+
+
+def test_generate_and_perplexity_cli_on_a_t5_run(tok, tmp_path, capsys):
+    """`lmforge generate` runs an encoder-decoder on the prompt (+ </s>) as its input; `eval perplexity` scores
+    text as the decoder's output for an empty input; chat refuses it."""
+    import json
+    import math
+
+    from lmforge.cli import main as lmforge_main
+    from lmforge.eval.perplexity import perplexity
+    from lmforge.infer.seq2seq import generate_seq2seq_ids
+    from lmforge.model.encdec import T5, T5Config
+
+    torch.manual_seed(0)
+    eot = tok.token_to_id(EOT)
+    cfg = T5Config(vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2, eos_token_id=eot, pad_token_id=eot,
+                   decoder_start_token_id=eot)
+    model = T5(cfg).eval()
+    save_run(model, cfg, tmp_path, tokenizer=tok)
+    ids = tok.encode(PROMPT)
+    want = generate_seq2seq_ids(model, [[*ids, eot]], SamplingParams(temperature=0, max_new_tokens=N),
+                                eos_token_id=eot, decoder_start_token_id=eot)[0]
+    want = want[:want.index(eot)] if eot in want else want
+    assert greedy_cli(capsys, str(tmp_path)) == tok.decode(want)
+    (tmp_path / "text.txt").write_text(CORPUS[:300])
+    assert lmforge_main(["eval", "perplexity", "--model", str(tmp_path), "--data", str(tmp_path / "text.txt"),
+                         "--json", "--seq-len", "32"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    direct = perplexity(model, tok.encode(CORPUS[:300], allowed_special="all"), seq_len=32)
+    assert math.isfinite(got["perplexity"]) and got["tokens"] > 0
+    assert abs(got["nll"] - direct["nll"]) < 0.05  # the CLI joins documents with <|endoftext|>, otherwise the same
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    assert lmforge_main(["chat", "--model", str(tmp_path)]) == 2
+    assert "encoder-decoder" in capsys.readouterr().err

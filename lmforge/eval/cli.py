@@ -68,9 +68,10 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
         tokens = torch.from_numpy(shards.tokens(0, shards.n_tokens))
     else:
         tokens = load_tokens(args.data, tokenizer)
-    seq_len = args.seq_len or cfg.max_seq_len
-    if seq_len > cfg.max_seq_len:
-        raise LmforgeError(f"--seq-len {seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
+    max_len = getattr(cfg, "max_seq_len", None)  # None: relative positions (T5), no hard limit
+    seq_len = args.seq_len or max_len or 512
+    if max_len is not None and seq_len > max_len:
+        raise LmforgeError(f"--seq-len {seq_len} exceeds the model's max_seq_len {max_len}")
     if args.stride is not None and not 1 <= args.stride <= seq_len:
         raise LmforgeError(f"--stride must be between 1 and the window length {seq_len}, got {args.stride}")
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.startswith("cuda"))

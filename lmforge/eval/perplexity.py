@@ -115,7 +115,22 @@ def _as_token_tensor(data) -> torch.Tensor | None:
     return None
 
 
+def _is_encoder_decoder(model: nn.Module) -> bool:
+    return callable(getattr(model, "encode", None)) and callable(getattr(model, "shift_right", None))
+
+
+def _encdec_logits(model: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """An encoder-decoder (T5) scores a window's targets as its output for an empty input (`</s>` alone): the
+    decoder is the language model, teacher-forced with the targets shifted right. Logits (B, T, V)."""
+    eos = model.cfg.eos_token_id
+    eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+    src = torch.full((y.shape[0], 1), eos, dtype=torch.long, device=y.device)
+    return model(src, model.shift_right(y))
+
+
 def _default_seq_len(model: nn.Module) -> int:
+    if _is_encoder_decoder(model):
+        return 512  # T5's pretraining target length; relative positions set no hard limit
     for name in ("config", "cfg"):
         value = getattr(getattr(model, name, None), "max_seq_len", None)
         if value:
@@ -153,7 +168,8 @@ def perplexity(model: nn.Module, data, *, seq_len: int | None = None, stride: in
     try:
         with torch.no_grad():
             for x, y in batches:
-                totals.add(model(x.to(device)), y.to(device))
+                x, y = x.to(device), y.to(device)
+                totals.add(_encdec_logits(model, y) if _is_encoder_decoder(model) else model(x), y)
     finally:
         model.train(was_training)
     return totals.result(n_bytes)

@@ -337,3 +337,18 @@ def test_generate_and_perplexity_cli_on_a_t5_run(tok, tmp_path, capsys):
     (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     assert lmforge_main(["chat", "--model", str(tmp_path)]) == 2
     assert "encoder-decoder" in capsys.readouterr().err
+
+
+def test_generate_cli_on_a_gpt2_run(tok, tmp_path, capsys):
+    """`lmforge generate` on a GPT-2 run (load_run dispatches on model_type): the greedy ids of `generate`."""
+    from lmforge.model.gpt2 import GPT2, GPT2Config
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=2, max_seq_len=64,
+                     eos_token_id=tok.token_to_id(EOT))
+    model = GPT2(cfg).eval()
+    save_run(model, cfg, tmp_path, tokenizer=tok)
+    ids = list(generate(model, tok.encode(PROMPT), SamplingParams(temperature=0, max_new_tokens=N),
+                        eos_token_id=cfg.eos_token_id))
+    ids = ids[:ids.index(cfg.eos_token_id)] if cfg.eos_token_id in ids else ids
+    assert greedy_cli(capsys, str(tmp_path)) == tok.decode(ids)

@@ -27,7 +27,6 @@ copy is dropped).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -36,9 +35,8 @@ from typing import Any
 
 import torch
 
-from lmforge import __version__
 from lmforge.checkpoint import run  # module access at call time: run.py may import this module back (dispatch)
-from lmforge.common import LmforgeError, atomic_write_text
+from lmforge.common import LmforgeError
 from lmforge.model.gpt2 import GPT2, GPT2Config
 
 PREFIX = "transformer."
@@ -119,17 +117,7 @@ def save_gpt2(model: torch.nn.Module, cfg: GPT2Config, run_dir: str | os.PathLik
     model = run._unwrap(model)
     tensors = to_hf_state_dict(model.state_dict(), cfg.tie_embeddings)
     from_hf_state_dict(tensors, cfg, where=f"save_gpt2({run_dir})")  # model and cfg must agree
-    tensors = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}  # Conv1D views become copies
-    dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    run._save_weights(tensors, run_dir, max_shard_bytes or run.DEFAULT_SHARD_BYTES)
-    atomic_write_text(run_dir / run.CONFIG, json.dumps(cfg.to_hf(dtype=dtype), indent=2) + "\n")
-    if tokenizer is not None:
-        tokenizer.save(run_dir)
-    info = {"lmforge_version": __version__, "stage": None, "args": {}, "metrics": {}, "parent": None,
-            **(meta or {})}
-    atomic_write_text(run_dir / run.META, json.dumps(info, indent=2, default=str) + "\n")
-    return run_dir
+    return run.write_run_files(run_dir, tensors, cfg.to_hf, tokenizer, meta, max_shard_bytes)
 
 
 def load_gpt2_config(run_dir: str | os.PathLike) -> GPT2Config:

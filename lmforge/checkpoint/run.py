@@ -73,11 +73,19 @@ def save_run(model: torch.nn.Module, cfg: Any, run_dir: str | os.PathLike, token
         expected = expected_hf_shapes(Llama(cfg).state_dict(), cfg.tie_embeddings, _moe(cfg))
     tensors = to_hf_state_dict(model.state_dict(), cfg.tie_embeddings, _moe(cfg))
     from_hf_state_dict(tensors, expected, where=f"save_run({run_dir})")  # model and cfg must agree
-    tensors = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
+    return write_run_files(run_dir, tensors, cfg.to_hf, tokenizer, meta, max_shard_bytes)
+
+
+def write_run_files(run_dir: Path, tensors: dict[str, torch.Tensor], hf_config: Any, tokenizer: Any = None,
+                    meta: dict[str, Any] | None = None, max_shard_bytes: int | None = None) -> Path:
+    """The files of a run directory, each written atomically: the (checked) HF-named `tensors` as safetensors
+    (sharded above max_shard_bytes), `hf_config(dtype=...)` as config.json, the tokenizer's files, lmforge.json.
+    Every family's save function ends here."""
+    tensors = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}  # views (Conv1D .T) become copies
     dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     run_dir.mkdir(parents=True, exist_ok=True)
-    _save_weights(tensors, run_dir, max_shard_bytes)
-    atomic_write_text(run_dir / CONFIG, json.dumps(cfg.to_hf(dtype=dtype), indent=2) + "\n")
+    _save_weights(tensors, run_dir, max_shard_bytes or DEFAULT_SHARD_BYTES)
+    atomic_write_text(run_dir / CONFIG, json.dumps(hf_config(dtype=dtype), indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save(run_dir)
     info = {"lmforge_version": __version__, "stage": None, "args": {}, "metrics": {}, "parent": None,

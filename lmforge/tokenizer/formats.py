@@ -81,6 +81,9 @@ def tokenizer_json(tok: BPETokenizer) -> dict:
             {"type": "ByteLevel", "add_prefix_space": tok.add_prefix_space, "trim_offsets": True, "use_regex": False},
         ]}
     vocab = {_to_bytelevel(b): i for i, b in enumerate(tok.tokens) if b is not None}
+    # Special tokens go in the model's vocab too, as HF's trainers write them: `tokenizers` gives an added token
+    # that is not in the vocab a fresh id past its end, which is wrong for specials that are not the last ids.
+    vocab.update(tok.special_tokens)
     # "a b" strings (not pairs): every tokenizers release reads them; byte-level tokens never hold a space
     merges = [f"{_to_bytelevel(tok.tokens[a])} {_to_bytelevel(tok.tokens[b])}" for a, b in tok.merges]
     added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
@@ -167,6 +170,9 @@ def tokenizer_from_json(doc: dict, source: str = "tokenizer.json") -> BPETokeniz
     for text, i in added.items():
         if i < n and tokens[i] is not None and _to_bytelevel(tokens[i]) == text:
             tokens[i] = None  # an added token that is also spelled in the vocab: it is a special now
+    special_ids = set(added.values())
+    while tokens and tokens[-1] is None and len(tokens) - 1 in special_ids:
+        tokens.pop()  # specials past the last ordinary token live only in the special table
     merges = []
     for k, m in enumerate(model.get("merges") or []):
         a, sep, b = m.partition(" ") if isinstance(m, str) else (m[0], " ", m[1])

@@ -85,7 +85,7 @@ def tiny_model(vocab: int, tied: bool = True, **kw) -> tuple[Llama, LlamaConfig]
 def gguf_tokens(tok) -> list[str]:
     """The vocabulary in GPT-2's byte spelling, special tokens first (ids 0..2, as in SmolLM2): the GGUF's ids."""
     doc = tokenizer_json(tok)
-    ordinary = sorted(doc["model"]["vocab"], key=doc["model"]["vocab"].get)
+    ordinary = sorted((t for t in doc["model"]["vocab"] if t not in tok.special_tokens), key=doc["model"]["vocab"].get)
     return SPECIALS + ordinary
 
 

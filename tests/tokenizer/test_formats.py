@@ -157,3 +157,21 @@ def test_public_rank_file_is_recognised_by_hash(tiktoken_mod):
     tok = load_tiktoken(assets.tiktoken_file("cl100k_base"))  # no pattern given: known by its sha256
     assert tok.special_tokens["<|endoftext|>"] == 100257
     assert tok.encode("hello  world\n ") == tiktoken_mod.get_encoding("cl100k_base").encode("hello  world\n ")
+
+
+def test_special_tokens_keep_their_ids_in_hf_tokenizers(tmp_path):
+    """Specials that are not the last ids (real vocabularies put them first) keep their ids through tokenizer.json."""
+    from tokenizers import Tokenizer
+
+    from lmforge.tokenizer import BPETokenizer
+    from lmforge.tokenizer.formats import load_tokenizer_json, save_tokenizer
+
+    tokens = [None, None, *[bytes([b]) for b in range(256)], b"ab"]  # ids 0 and 1: specials
+    tok = BPETokenizer(tokens, [(2 + ord("a"), 2 + ord("b"))], "gpt2", {"<|im_start|>": 0, "<|im_end|>": 1})
+    path = save_tokenizer(tok, tmp_path)
+    hf = Tokenizer.from_file(str(path))
+    assert hf.token_to_id("<|im_start|>") == 0 and hf.token_to_id("<|im_end|>") == 1
+    text = "<|im_start|>ab<|im_end|>"
+    assert hf.encode(text).ids == tok.encode(text, allowed_special="all") == [0, 258, 1]
+    back = load_tokenizer_json(path)
+    assert back.special_tokens == tok.special_tokens and back.encode(text, allowed_special="all") == [0, 258, 1]

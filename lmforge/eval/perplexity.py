@@ -72,12 +72,14 @@ class _Totals:
         return out
 
 
-def sliding_windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
+def sliding_windows(n_tokens: int, seq_len: int, stride: int, align_last: bool = True) -> list[tuple[int, int, int]]:
     """(begin, end, scored_after) per window over a text of `n_tokens` ids.
 
     A window's inputs are ids[begin:end] and its targets ids[begin+1:end+1]; a target at absolute index j
     counts only if j > scored_after, so targets 1..n_tokens-1 are each scored exactly once, each with at
     least min(j, seq_len - stride + 1) tokens of context. Every window has min(seq_len, n_tokens - 1) inputs.
+    `align_last=False` starts the last window at its multiple of `stride` like the others (shorter, less
+    context): exactly the windows of the Hugging Face perplexity guide's loop with max_length = seq_len + 1.
     """
     if seq_len < 1 or not 1 <= stride <= seq_len:
         raise LmforgeError(f"need 1 <= stride <= seq_len, got stride={stride}, seq_len={seq_len}")
@@ -85,18 +87,23 @@ def sliding_windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int,
     last = n_tokens - 1  # index of the last target
     while scored < last:
         end = min(begin + seq_len, last)
-        start = max(0, end - seq_len)  # the final window is right-aligned: full context, and the same length
+        start = max(0, end - seq_len) if align_last else begin  # right-aligned: full context, the same length
         windows.append((start, end, scored))
         scored = end
         begin += stride
     return windows
 
 
-def _window_batches(ids: torch.Tensor, seq_len: int, stride: int, batch_size: int):
-    """Yield (x, y) batches of windows (all the same length), already-scored targets masked with IGNORE_INDEX."""
-    windows = sliding_windows(len(ids), seq_len, stride)
-    for i in range(0, len(windows), batch_size):
-        chunk = windows[i:i + batch_size]
+def _window_batches(ids: torch.Tensor, seq_len: int, stride: int, batch_size: int, align_last: bool = True):
+    """Yield (x, y) batches of windows of one length, already-scored targets masked with IGNORE_INDEX."""
+    windows = sliding_windows(len(ids), seq_len, stride, align_last)
+    chunks: list[list[tuple[int, int, int]]] = []
+    for w in windows:  # consecutive windows of equal length share a batch (only a short last window differs)
+        if chunks and len(chunks[-1]) < batch_size and chunks[-1][0][1] - chunks[-1][0][0] == w[1] - w[0]:
+            chunks[-1].append(w)
+        else:
+            chunks.append([w])
+    for chunk in chunks:
         x = torch.stack([ids[b:e] for b, e, _ in chunk])
         y = torch.stack([ids[b + 1:e + 1] for b, e, _ in chunk])
         for row, (b, _, scored) in enumerate(chunk):
@@ -140,13 +147,14 @@ def _default_seq_len(model: nn.Module) -> int:
 
 def perplexity(model: nn.Module, data, *, seq_len: int | None = None, stride: int | None = None,
                batch_size: int = 8, token_bytes: Sequence[int] | torch.Tensor | None = None,
-               n_bytes: int | None = None, max_tokens: int | None = None) -> dict:
+               n_bytes: int | None = None, max_tokens: int | None = None, align_last: bool = True) -> dict:
     """Score `data` with `model` (`model(x) -> (B, T, V)` logits) and return perplexity, nll, tokens[, bits_per_byte].
 
     `data` is either a flat sequence of token ids (list, 1-D array or tensor), scored with the sliding
     window described in the module docstring (`seq_len` defaults to the model's max_seq_len, `stride`
     to `seq_len`; `max_tokens` caps the targets scored), or an iterable of `(x, y)` int batches of shape
-    (B, T) with y == -100 where a position is not scored. `token_bytes[id]` (bytes per vocabulary id) or
+    (B, T) with y == -100 where a position is not scored (`align_last=False`: the Hugging Face guide's windows,
+    see `sliding_windows`). `token_bytes[id]` (bytes per vocabulary id) or
     `n_bytes` (bytes of the scored text) adds bits_per_byte. The model runs in eval mode without gradients
     (its train/eval mode is restored); autocast, if any, is the caller's (the training loop sets it).
     """
@@ -159,7 +167,7 @@ def perplexity(model: nn.Module, data, *, seq_len: int | None = None, stride: in
         if len(ids) < 2:
             raise LmforgeError(f"perplexity: need at least 2 tokens, got {len(ids)}")
         seq_len = seq_len or _default_seq_len(model)
-        batches: Iterable = _window_batches(ids, seq_len, stride or seq_len, batch_size)
+        batches: Iterable = _window_batches(ids, seq_len, stride or seq_len, batch_size, align_last)
     else:
         batches = data
     totals = _Totals(table)

@@ -220,3 +220,41 @@ def test_cli_text_output_and_errors(run_dir, capsys):
         main(["perplexity", "--model", str(run_dir / "nope"), "--data", str(run_dir / "text.txt")])
     with pytest.raises(LmforgeError, match="not found"):
         main(["perplexity", "--model", str(run_dir / "run"), "--data", str(run_dir / "missing.txt")])
+
+
+def test_equals_the_hugging_face_guides_sliding_window_loop(tmp_path):
+    """The loop of transformers' "Perplexity of fixed-length models" guide, run on transformers' Llama with the
+    same weights, equals ours with align_last=False and seq_len = max_length - 1, within 1e-4.
+
+    One correction to the guide: it weights each window's mean loss by `num_valid_tokens - batch_size`, which is
+    the number of scored labels only for the first window (whose first label the internal shift drops); later
+    windows keep their first label, so the weight here is the count of labels actually scored."""
+    transformers = pytest.importorskip("transformers")
+    from lmforge.checkpoint import load_run, save_run
+    from lmforge.model import Llama, LlamaConfig
+
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=V, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32)
+    save_run(Llama(cfg), cfg, tmp_path)
+    model, _ = load_run(tmp_path)
+    peer = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    encodings = ids(157, seed=5)[None]  # (1, n)
+    for max_length, stride in [(16, 8), (16, 5), (32, 31), (24, 1)]:
+        nll_sum, n_tokens, prev_end_loc, seq_len = 0.0, 0, 0, encodings.size(1)
+        for begin_loc in range(0, seq_len, stride):  # the guide's loop
+            end_loc = min(begin_loc + max_length, seq_len)
+            trg_len = end_loc - prev_end_loc
+            input_ids = encodings[:, begin_loc:end_loc]
+            target_ids = input_ids.clone()
+            target_ids[:, :-trg_len] = -100
+            with torch.no_grad():
+                loss = peer(input_ids, labels=target_ids, use_cache=False).loss
+            scored = int((target_ids[:, 1:] != -100).sum())  # the correction (the guide: valid - batch_size)
+            nll_sum, n_tokens = nll_sum + loss.item() * scored, n_tokens + scored
+            prev_end_loc = end_loc
+            if end_loc == seq_len:
+                break
+        ours = perplexity(model, encodings[0], seq_len=max_length - 1, stride=stride, align_last=False)
+        assert ours["tokens"] == n_tokens == 156
+        assert abs(ours["nll"] - nll_sum / n_tokens) < 1e-4, (max_length, stride)
+        assert abs(ours["perplexity"] - math.exp(nll_sum / n_tokens)) < 1e-4 * ours["perplexity"]

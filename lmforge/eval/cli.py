@@ -1,4 +1,11 @@
-"""`lmforge eval perplexity --model RUN --data PATH [--stride N] [--seq-len N] [--json]`.
+"""`lmforge eval perplexity|bleu|chrf|rouge|bertscore|run|compare ...`.
+
+    lmforge eval perplexity --model RUN --data PATH [--stride N] [--seq-len N] [--json]
+    lmforge eval bleu|chrf|rouge|bertscore --hyp FILE --ref FILE [--ref FILE ...] [metric options] [--json]
+    lmforge eval run --model RUN --tasks TASK_FILE_OR_DIR [...] --out DIR
+    lmforge eval compare DIR_A DIR_B
+
+Each metric's options and output live in its own module (METRICS); `--json` prints exactly one JSON object.
 
 PATH is a text / jsonl / parquet file or a directory of them (documents joined by the tokenizer's
 <|endoftext|>, as in training shards), or a token-shard directory (meta.json; --split picks train or val).
@@ -10,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -24,9 +33,28 @@ from lmforge.tokenizer import load_tokenizer
 ENDOFTEXT = "<|endoftext|>"
 
 
+# metric subcommand -> (module with add_arguments(parser), run(args) -> dict, optional format_text(dict), help)
+METRICS = {
+    "bleu": ("lmforge.eval.bleu", "corpus BLEU of a hypothesis file against references (sacreBLEU's numbers)"),
+    "chrf": ("lmforge.eval.chrf", "corpus chrF / chrF++ (sacreBLEU's numbers)"),
+    "rouge": ("lmforge.eval.rouge", "ROUGE-1/2/L/Lsum (rouge-score's numbers), optional Porter stemming"),
+    "bertscore": ("lmforge.eval.bertscore", "BERTScore precision/recall/F1 with an lmforge encoder run"),
+}
+# subcommands with their own parser: argv goes to module:function as is
+DELEGATED = {
+    "run": "lmforge.eval.run_cli:run_main",
+    "compare": "lmforge.eval.run_cli:compare_main",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lmforge eval", description="Evaluate a run directory.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{perplexity}")
+    p = argparse.ArgumentParser(prog="lmforge eval", description="Evaluate a run directory or text files.")
+    names = ["perplexity", *METRICS, *DELEGATED]
+    sub = p.add_subparsers(dest="command", required=True, metavar="{" + ",".join(names) + "}")
+    for name, (module, summary) in METRICS.items():
+        importlib.import_module(module).add_arguments(sub.add_parser(name, help=summary, description=summary))
+    for name in DELEGATED:
+        sub.add_parser(name, help=f"see lmforge eval {name} --help", add_help=False)
     e = sub.add_parser("perplexity", help="perplexity, mean nll and bits per byte of a model on text",
                        description="Perplexity with a strided sliding window (each token scored once).")
     e.add_argument("--model", required=True, metavar="RUN", help="run directory (config.json, model.safetensors, "
@@ -88,7 +116,17 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in DELEGATED:
+        module, _, function = DELEGATED[argv[0]].partition(":")
+        return int(getattr(importlib.import_module(module), function)(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     if args.command == "perplexity":
         return cmd_perplexity(args)
+    if args.command in METRICS:
+        module = importlib.import_module(METRICS[args.command][0])
+        result = module.run(args)
+        text = getattr(module, "format_text", None)
+        print(json.dumps(result) if args.json or text is None else text(result))
+        return 0
     raise LmforgeError(f"unknown eval command {args.command!r}")  # pragma: no cover - argparse rejects it first

@@ -16,7 +16,7 @@ STAGES = {
     "generate": ("lmforge.textgen", "stream a continuation from a run directory (sampling, stop strings)"),
     "embed": ("lmforge.embed", "sentence embeddings from a BERT encoder run (or a sentence-transformers dir)"),
     "chat": ("lmforge.textgen:chat_main", "chat in the terminal with a run's model, using its chat template"),
-    "eval": ("lmforge.eval.cli", "evaluate a run directory (perplexity, ...)"),
+    "eval": ("lmforge.eval.cli", "evaluate: perplexity, BLEU/chrF/ROUGE/BERTScore, task harness, reports"),
 }
 
 

@@ -17,15 +17,13 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from lmforge.common import LmforgeError
 from lmforge.model.attention import Attention
 from lmforge.model.config import LlamaConfig
+from lmforge.model.contract import check_decoder_inputs, head_loss
 from lmforge.model.kernels import linears
 from lmforge.model.layers import RMSNorm, SwiGLU, rope_tables
-from lmforge.model.losses import linear_cross_entropy
 from lmforge.model.moe import MoE, load_balancing_loss
 
 
@@ -102,7 +100,7 @@ class Llama(nn.Module):
         `ignore_index`, as `F.cross_entropy(model(idx).flatten(0, 1), targets.flatten())`, computed by the fused
         chunked head + loss (lmforge/model/losses.py) so the logits are never materialized.
         """
-        self._check_inputs(idx, input_pos, cache)
+        check_decoder_inputs("Llama", idx, input_pos, cache, self.cfg.max_seq_len)
         if self.rope_cos.dtype != torch.float32:  # a model.to(bfloat16) cast the tables: rebuild at full precision
             self.reset_rope(self.rope_cos.device)
         cos, sin = self._rope(idx.shape[1], input_pos)
@@ -113,25 +111,13 @@ class Llama(nn.Module):
         x = self.norm(x)
         if targets is None:
             return linears(x, self.lm_head)[0].float()  # (B, T, V)
-        loss = self._loss(x, idx, targets, ignore_index)
+        loss = head_loss(self.lm_head, x, idx, targets, ignore_index)
         coef = getattr(self.cfg, "router_aux_loss_coef", 0.0)
         if coef:  # MoE: the load-balancing loss joins the training loss (as HF's with output_router_logits)
             self.aux_loss = load_balancing_loss([b.mlp.router_logits for b in self.layers], self.cfg.n_experts,
                                                 self.cfg.n_experts_per_tok)
             loss = loss + coef * self.aux_loss
         return loss
-
-    def _loss(self, x: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
-        """Mean cross-entropy of the head's logits for x (B, T, C); fused unless lm_head was swapped for another
-        module (LoRA, quantized), whose own forward then makes the logits."""
-        if not isinstance(targets, torch.Tensor) or targets.shape != idx.shape or targets.is_floating_point():
-            got = f"{targets.dtype} {tuple(targets.shape)}" if isinstance(targets, torch.Tensor) else type(targets)
-            raise LmforgeError(f"targets must be an integer tensor shaped like idx {tuple(idx.shape)}, got {got}")
-        head = self.lm_head
-        if type(head) is nn.Linear and head.bias is None:
-            return linear_cross_entropy(x, head.weight, targets, ignore_index=ignore_index)
-        logits = head(x).float()
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
 
     def _mask(self, T: int, input_pos: torch.Tensor | None, cache: Any) -> torch.Tensor | None:
         """What each query may see: the cache's mask (B, 1, T, S); without a cache None (plain causal), or a
@@ -156,21 +142,3 @@ class Llama(nn.Module):
             return self.rope_cos[:T, None, :], self.rope_sin[:T, None, :]
         pos = input_pos.clamp(min=0)  # padding tokens (negative positions) get position 0; their output is unused
         return self.rope_cos[pos].unsqueeze(2), self.rope_sin[pos].unsqueeze(2)
-
-    def _check_inputs(self, idx: torch.Tensor, input_pos: torch.Tensor | None, cache: Any) -> None:
-        if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int64, torch.int32):
-            got = idx.dtype if isinstance(idx, torch.Tensor) else type(idx).__name__
-            raise LmforgeError(f"Llama expects token ids as an int64 tensor (B, T), got {got}")
-        if idx.dim() != 2 or idx.shape[1] == 0:
-            raise LmforgeError(f"Llama expects token ids of shape (B, T) with T >= 1, got {tuple(idx.shape)}")
-        if input_pos is None:
-            if cache is not None:
-                raise LmforgeError("Llama: a KV cache needs input_pos (B, T), the absolute position of each token")
-            if idx.shape[1] > self.cfg.max_seq_len:
-                raise LmforgeError(f"sequence length {idx.shape[1]} exceeds max_seq_len {self.cfg.max_seq_len}")
-            return
-        if input_pos.shape != idx.shape or input_pos.dtype not in (torch.int64, torch.int32):
-            raise LmforgeError(f"input_pos must be an integer tensor shaped like idx {tuple(idx.shape)}, got "
-                               f"{input_pos.dtype} {tuple(input_pos.shape)}")
-        if not torch.compiler.is_compiling() and int(input_pos.max()) >= self.cfg.max_seq_len:
-            raise LmforgeError(f"position {int(input_pos.max())} exceeds max_seq_len {self.cfg.max_seq_len}")

@@ -32,8 +32,8 @@ from torch import nn
 from lmforge.common import LmforgeError
 from lmforge.model import kernels
 from lmforge.model.attention import SMALL_QUERY, small_query_attention
+from lmforge.model.contract import check_decoder_inputs, head_loss
 from lmforge.model.kernels import linears
-from lmforge.model.losses import linear_cross_entropy
 
 # HF activation names this model computes: "gelu_new" (OpenAI's tanh approximation, HF NewGELUActivation) and
 # "gelu_pytorch_tanh" are the same formula; "gelu" is the exact erf form (some GPT-2-architecture checkpoints).
@@ -285,7 +285,7 @@ class GPT2(nn.Module):
         (default 0..T-1, and attention stays plain causal over the T tokens). targets as in `Llama.forward`:
         the fused chunked head + loss, so the logits are never materialized.
         """
-        self._check_inputs(idx, input_pos, cache)
+        check_decoder_inputs("GPT2", idx, input_pos, cache, self.cfg.max_seq_len)
         T = idx.shape[1]
         if input_pos is None:
             pos = torch.arange(T, device=idx.device)  # (T,), broadcast over the batch
@@ -298,35 +298,4 @@ class GPT2(nn.Module):
         x = self.ln_f(x)
         if targets is None:
             return linears(x, self.lm_head)[0].float()  # (B, T, V)
-        return self._loss(x, idx, targets, ignore_index)
-
-    def _loss(self, x: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
-        """Mean cross-entropy of the head's logits for x (B, T, C); fused unless lm_head was swapped for another
-        module (LoRA, quantized), whose own forward then makes the logits."""
-        if not isinstance(targets, torch.Tensor) or targets.shape != idx.shape or targets.is_floating_point():
-            got = f"{targets.dtype} {tuple(targets.shape)}" if isinstance(targets, torch.Tensor) else type(targets)
-            raise LmforgeError(f"targets must be an integer tensor shaped like idx {tuple(idx.shape)}, got {got}")
-        head = self.lm_head
-        if type(head) is nn.Linear and head.bias is None:
-            return linear_cross_entropy(x, head.weight, targets, ignore_index=ignore_index)
-        logits = head(x).float()
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
-
-    def _check_inputs(self, idx: torch.Tensor, input_pos: torch.Tensor | None, cache: Any) -> None:
-        if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int64, torch.int32):
-            got = idx.dtype if isinstance(idx, torch.Tensor) else type(idx).__name__
-            raise LmforgeError(f"GPT2 expects token ids as an int64 tensor (B, T), got {got}")
-        if idx.dim() != 2 or idx.shape[1] == 0:
-            raise LmforgeError(f"GPT2 expects token ids of shape (B, T) with T >= 1, got {tuple(idx.shape)}")
-        if input_pos is None:
-            if cache is not None:
-                raise LmforgeError("GPT2: a KV cache needs input_pos (B, T), the absolute position of each token")
-            if idx.shape[1] > self.cfg.max_seq_len:
-                raise LmforgeError(f"sequence length {idx.shape[1]} exceeds max_seq_len {self.cfg.max_seq_len} "
-                                   f"(GPT-2's learned position table has no entry beyond it)")
-            return
-        if input_pos.shape != idx.shape or input_pos.dtype not in (torch.int64, torch.int32):
-            raise LmforgeError(f"input_pos must be an integer tensor shaped like idx {tuple(idx.shape)}, got "
-                               f"{input_pos.dtype} {tuple(input_pos.shape)}")
-        if not torch.compiler.is_compiling() and int(input_pos.max()) >= self.cfg.max_seq_len:
-            raise LmforgeError(f"position {int(input_pos.max())} exceeds max_seq_len {self.cfg.max_seq_len}")
+        return head_loss(self.lm_head, x, idx, targets, ignore_index)

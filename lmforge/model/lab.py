@@ -37,9 +37,9 @@ from torch import nn
 from lmforge.common import LmforgeError
 from lmforge.model import kernels
 from lmforge.model.attention import SMALL_QUERY, small_query_attention
+from lmforge.model.contract import check_decoder_inputs, head_loss
 from lmforge.model.kernels import linears
 from lmforge.model.layers import RMSNorm, SwiGLU, apply_rotary, rope_tables
-from lmforge.model.losses import linear_cross_entropy
 
 POSITIONS = ("rope", "sinusoidal", "learned", "alibi", "none")
 NORMS = ("rmsnorm", "layernorm")
@@ -376,7 +376,7 @@ class LabDecoder(nn.Module):
         input_pos (B, T) absolute positions (negative = left padding), required with a cache; without one the
         default is 0..T-1 and attention is causal over the T tokens in order. As `Llama.forward`.
         """
-        self._check_inputs(idx, input_pos, cache)
+        check_decoder_inputs("LabDecoder", idx, input_pos, cache, self.cfg.max_seq_len)
         table = next((b for n, b in self.named_buffers() if n in DERIVED), None)
         if table is not None and table.dtype != torch.float32:  # a model.to(bfloat16) cast them: rebuild in fp32
             self.reset_buffers(table.device)
@@ -391,7 +391,7 @@ class LabDecoder(nn.Module):
         x = self.norm(x)
         if targets is None:
             return linears(x, self.lm_head)[0].float()  # (B, T, V)
-        return self._loss(x, idx, targets, ignore_index)
+        return head_loss(self.lm_head, x, idx, targets, ignore_index)
 
     def _embed(self, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Token embeddings plus the absolute position vectors (sinusoidal, learned), if any."""
@@ -425,34 +425,6 @@ class LabDecoder(nn.Module):
         bias = alibi_bias(slopes, pos, pos).masked_fill(~causal, float("-inf"))  # (H, T, T) or (B, H, T, T)
         return bias if bias.dim() == 4 else bias[None]
 
-    def _loss(self, x: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
-        """Mean cross-entropy of the head's logits for x (B, T, C); fused unless lm_head was swapped (LoRA,
-        quantized), whose own forward then makes the logits."""
-        if not isinstance(targets, torch.Tensor) or targets.shape != idx.shape or targets.is_floating_point():
-            got = f"{targets.dtype} {tuple(targets.shape)}" if isinstance(targets, torch.Tensor) else type(targets)
-            raise LmforgeError(f"targets must be an integer tensor shaped like idx {tuple(idx.shape)}, got {got}")
-        head = self.lm_head
-        if type(head) is nn.Linear and head.bias is None:
-            return linear_cross_entropy(x, head.weight, targets, ignore_index=ignore_index)
-        return F.cross_entropy(head(x).float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
-
-    def _check_inputs(self, idx: torch.Tensor, input_pos: torch.Tensor | None, cache: Any) -> None:
-        if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int64, torch.int32):
-            got = idx.dtype if isinstance(idx, torch.Tensor) else type(idx).__name__
-            raise LmforgeError(f"LabDecoder expects token ids as an int64 tensor (B, T), got {got}")
-        if idx.dim() != 2 or idx.shape[1] == 0:
-            raise LmforgeError(f"LabDecoder expects token ids of shape (B, T) with T >= 1, got {tuple(idx.shape)}")
-        if input_pos is None:
-            if cache is not None:
-                raise LmforgeError("LabDecoder: a KV cache needs input_pos (B, T), the absolute position of each token")
-            if idx.shape[1] > self.cfg.max_seq_len:
-                raise LmforgeError(f"sequence length {idx.shape[1]} exceeds max_seq_len {self.cfg.max_seq_len}")
-            return
-        if input_pos.shape != idx.shape or input_pos.dtype not in (torch.int64, torch.int32):
-            raise LmforgeError(f"input_pos must be an integer tensor shaped like idx {tuple(idx.shape)}, got "
-                               f"{input_pos.dtype} {tuple(input_pos.shape)}")
-        if not torch.compiler.is_compiling() and int(input_pos.max()) >= self.cfg.max_seq_len:
-            raise LmforgeError(f"position {int(input_pos.max())} exceeds max_seq_len {self.cfg.max_seq_len}")
 
 
 # ---- sizes and FLOPs (the same accounting as lmforge/model/config.py) ----

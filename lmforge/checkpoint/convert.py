@@ -41,8 +41,8 @@ import torch
 from tqdm import tqdm
 
 from lmforge.checkpoint.gguf import GGUFFile, read_gguf
-from lmforge.checkpoint.hf import LM_HEAD, expected_hf_shapes, from_hf_state_dict
-from lmforge.checkpoint.run import CONFIG, load_run, save_run
+from lmforge.checkpoint.hf import LM_HEAD
+from lmforge.checkpoint.run import CONFIG, llama_from_hf_tensors, load_run, save_run
 from lmforge.common import LmforgeError, atomic_write_text, read_text_file
 from lmforge.model.config import LlamaConfig
 from lmforge.model.decoder import Llama
@@ -237,12 +237,7 @@ def hf_tensors_from_gguf(g: GGUFFile, cfg: LlamaConfig, dtype: torch.dtype = tor
 
 def model_from_hf_tensors(cfg: LlamaConfig, tensors: dict[str, torch.Tensor], where: str) -> Llama:
     """A Llama holding `tensors` (HF names), after checking every name and shape against `cfg`."""
-    with torch.device("meta"):
-        model = Llama(cfg)
-    state = from_hf_state_dict(tensors, expected_hf_shapes(model.state_dict(), cfg.tie_embeddings), where=where)
-    model.load_state_dict(state, strict=False, assign=True)  # names checked above; a tied head is re-tied below
-    model.tie_weights()
-    return model
+    return llama_from_hf_tensors(cfg, tensors, where)
 
 
 # ---- GGUF tokenizer -> tokenizer.json ----

@@ -135,10 +135,4 @@ def load_gpt2(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
     run_dir = run._existing_dir(run_dir)
     cfg = load_gpt2_config(run_dir)
     state = from_hf_state_dict(run.load_tensors(run_dir, device=device), cfg, where=str(run_dir))
-    if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
-    with torch.device("meta"):
-        model = GPT2(cfg)
-    model.load_state_dict(state, strict=False, assign=True)  # names checked above; a tied head is re-tied below
-    model.tie_weights()
-    return model.eval(), cfg
+    return run.assign_weights(GPT2, cfg, state, dtype).eval(), cfg

@@ -87,11 +87,6 @@ def load_lab(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
     cfg = load_lab_config(run_dir)
     tensors = run.load_tensors(run_dir, device=device)
     _check(tensors, expected_shapes(cfg), str(run_dir))
-    if dtype is not None:
-        tensors = {k: v.to(dtype) for k, v in tensors.items()}
-    with torch.device("meta"):
-        model = LabDecoder(cfg)
-    model.load_state_dict(tensors, strict=False, assign=True)  # names checked above; a tied head is re-tied below
-    model.tie_weights()
+    model = run.assign_weights(LabDecoder, cfg, tensors, dtype)
     model.reset_buffers(device)  # RoPE / sinusoid / slope tables are derived, never saved
     return model.eval(), cfg

@@ -210,17 +210,31 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
     if not isinstance(cfg, LlamaConfig):  # a family with its own checkpoint module
         module, _, load = _family(type(cfg).__name__)
         return getattr(module, load)(run_dir, device, dtype)
-    tensors = load_tensors(run_dir, device=device)
-    with torch.device("meta"):
-        model = Llama(cfg)
-    state = from_hf_state_dict(tensors, expected_hf_shapes(model.state_dict(), cfg.tie_embeddings, _moe(cfg)),
-                               where=str(run_dir))
-    if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
-    model.load_state_dict(state, strict=False, assign=True)  # names checked above; a tied head is re-tied below
-    model.tie_weights()
+    model = llama_from_hf_tensors(cfg, load_tensors(run_dir, device=device), where=str(run_dir), dtype=dtype)
     model.reset_rope(device)
     return model.eval(), cfg
+
+
+def llama_from_hf_tensors(cfg: LlamaConfig, tensors: dict[str, torch.Tensor], where: str,
+                          dtype: torch.dtype | None = None) -> Llama:
+    """A Llama-family model of `cfg` holding `tensors` (HF names), after checking every name and shape."""
+    with torch.device("meta"):
+        expected = expected_hf_shapes(Llama(cfg).state_dict(), cfg.tie_embeddings, _moe(cfg))
+    return assign_weights(Llama, cfg, from_hf_state_dict(tensors, expected, where=where), dtype)
+
+
+def assign_weights(model_cls: Any, cfg: Any, state: dict[str, torch.Tensor],
+                   dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """`model_cls(cfg)` built on the meta device (no allocation, no random init of weights about to be replaced)
+    holding `state` (our names, already checked), cast to `dtype` if given, tied weights re-tied. Every family's
+    loader ends here."""
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    with torch.device("meta"):
+        model = model_cls(cfg)
+    model.load_state_dict(state, strict=False, assign=True)  # names checked by the caller; a tied head re-tied below
+    model.tie_weights()
+    return model
 
 
 def load_tensors(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

@@ -130,10 +130,4 @@ def load_t5(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
     tensors = run.load_tensors(run_dir, device=device)
     cfg = resolve_tie(tensors, load_t5_config(run_dir))
     state = from_hf_state_dict(tensors, cfg, where=str(run_dir))
-    if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
-    with torch.device("meta"):
-        model = T5(cfg)
-    model.load_state_dict(state, strict=False, assign=True)  # names checked above; a tied head is re-tied below
-    model.tie_weights()
-    return model.eval(), cfg
+    return run.assign_weights(T5, cfg, state, dtype).eval(), cfg

@@ -44,6 +44,47 @@ def _pack_prompts(prompts: Sequence[Sequence[int]], device) -> tuple[torch.Tenso
     return ids.to(device), pos.to(device), torch.tensor(lengths, device=device)
 
 
+class RowSampler:
+    """Per-row state of one generation, shared by decoder-only and encoder-decoder decoding: the logits
+    processors' history and counts (kept only when a penalty is on), stop ids and stop strings, finished rows."""
+
+    def __init__(self, params: SamplingParams, history: torch.Tensor, vocab_size: int, stop_ids: Sequence[int],
+                 token_bytes: Sequence[bytes] | None):
+        B, device = history.shape[0], history.device
+        self.params = params
+        self.generator = make_generator(params.seed, device)
+        self.stop_ids = set(params.stop_token_ids or ()) | set(stop_ids)
+        self.checkers = [StopChecker(params.stop, token_bytes, ()) for _ in range(B)] if params.stop else None
+        # (B, L + steps) ids so far, for the repetition penalty; output-token counts for frequency / presence
+        self.history = history if params.repetition_penalty != 1.0 else None
+        track_counts = params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
+        self.counts = torch.zeros(B, vocab_size, dtype=torch.long, device=device) if track_counts else None
+        self.rows = torch.arange(B, device=device)
+        self.finished = [False] * B
+
+    @property
+    def all_finished(self) -> bool:
+        return all(self.finished)
+
+    def step(self, logits: torch.Tensor) -> tuple[torch.Tensor, list[int | None]]:
+        """Sample one id per row from logits (B, V): (ids (B,), the new id of each unfinished row or None)."""
+        new = sample(process_logits(logits.float(), self.params, self.history, self.counts), self.params,
+                     self.generator)  # (B,)
+        out: list[int | None] = []
+        for b, t in enumerate(new.tolist()):
+            if self.finished[b]:
+                out.append(None)
+                continue
+            out.append(t)
+            if t in self.stop_ids or (self.checkers is not None and self.checkers[b].feed(t).stopped):
+                self.finished[b] = True
+        if self.counts is not None:
+            self.counts[self.rows, new] += 1
+        if self.history is not None:
+            self.history = torch.cat([self.history, new[:, None]], dim=1)
+        return new, out
+
+
 def eos_ids(eos_token_id: int | Sequence[int] | None) -> list[int]:
     """A config's eos id(s) as a list (Llama 3 configs give several)."""
     if eos_token_id is None:
@@ -75,34 +116,13 @@ def generate_batch(model: torch.nn.Module, prompts: Sequence[Sequence[int]], par
     if params.stop and token_bytes is None:
         raise LmforgeError("stop strings need the vocabulary as bytes (token_bytes)")
     cache = KVCache(cfg, B, T + n_new, dtype=next(model.parameters()).dtype, device=device)
-    generator = make_generator(params.seed, device)
-    stop_ids = set(params.stop_token_ids or ()) | set(eos_ids(eos_token_id))
-    checkers = [StopChecker(params.stop, token_bytes, ()) for _ in range(B)] if params.stop else None
-    # Penalty state, kept only when a penalty is on (greedy decoding pays nothing for it):
-    track_history = params.repetition_penalty != 1.0
-    track_counts = params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
-    history = ids if track_history else None  # (B, T + steps): prompt and output, for the repetition penalty
-    counts = torch.zeros(B, vocab, dtype=torch.long, device=device) if track_counts else None  # output tokens
-    rows = torch.arange(B, device=device)
-    finished = [False] * B
+    rows = RowSampler(params, ids, vocab, stop_ids=eos_ids(eos_token_id), token_bytes=token_bytes)
     logits = prefill(model, ids, pos, cache)
     next_pos = lengths.clone()
     for step in range(n_new):
-        new = sample(process_logits(logits.float(), params, history, counts), params, generator)  # (B,)
-        out: list[int | None] = []
-        for b, t in enumerate(new.tolist()):
-            if finished[b]:
-                out.append(None)
-                continue
-            out.append(t)
-            if t in stop_ids or (checkers is not None and checkers[b].feed(t).stopped):
-                finished[b] = True
-        if counts is not None:
-            counts[rows, new] += 1
-        if history is not None:
-            history = torch.cat([history, new[:, None]], dim=1)
+        new, out = rows.step(logits)
         yield out
-        if all(finished) or step == n_new - 1:
+        if rows.all_finished or step == n_new - 1:
             return
         logits = decode_step(model, new, next_pos, cache)
         next_pos += 1

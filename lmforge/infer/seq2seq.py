@@ -18,10 +18,9 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from lmforge.common import LmforgeError
-from lmforge.infer.generate import eos_ids
+from lmforge.infer.generate import RowSampler, eos_ids
 from lmforge.infer.kv_cache import KVCache
-from lmforge.infer.sampling import SamplingParams, make_generator, process_logits, sample
-from lmforge.infer.stopping import StopChecker
+from lmforge.infer.sampling import SamplingParams
 from lmforge.model import kernels
 
 
@@ -65,37 +64,17 @@ def generate_seq2seq(model: torch.nn.Module, input_ids_list: Sequence[Sequence[i
     memory = model.cross_attention_cache(model.encode(ids, mask), mask)  # once for the whole generation
     B, n_new = ids.shape[0], params.max_new_tokens
     cache = KVCache((cfg.n_decoder_layers, cfg.n_heads, cfg.head_dim), B, n_new, dtype=dtype, device=device)
-    generator = make_generator(params.seed, device)
-    stop_ids = set(params.stop_token_ids or ()) | set(eos_ids(cfg.eos_token_id if eos_token_id is None
-                                                              else eos_token_id))
-    checkers = [StopChecker(params.stop, token_bytes, ()) for _ in range(B)] if params.stop else None
     new = torch.full((B,), start, dtype=torch.long, device=device)  # the decoder's first input
-    history = new[:, None] if params.repetition_penalty != 1.0 else None  # (B, 1 + steps) decoder ids
-    track_counts = params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
-    counts = torch.zeros(B, cfg.vocab_size, dtype=torch.long, device=device) if track_counts else None
-    rows = torch.arange(B, device=device)
-    finished = [False] * B
+    rows = RowSampler(params, new[:, None], cfg.vocab_size, token_bytes=token_bytes,
+                      stop_ids=eos_ids(cfg.eos_token_id if eos_token_id is None else eos_token_id))
     for step in range(n_new):
         pos = torch.full((B, 1), step, dtype=torch.long, device=device)
         with kernels.decoding(B):  # small batches: the compiled GEMV's thread pool takes the cores
             logits = model.decode(new[:, None], memory, input_pos=pos, cache=cache)[:, -1]  # (B, V)
-        new = sample(process_logits(logits.float(), params, history, counts), params, generator)  # (B,)
-        out: list[int | None] = []
-        for b, t in enumerate(new.tolist()):
-            if finished[b]:
-                out.append(None)
-                continue
-            out.append(t)
-            if t in stop_ids or (checkers is not None and checkers[b].feed(t).stopped):
-                finished[b] = True
-        if counts is not None:
-            counts[rows, new] += 1
-        if history is not None:
-            history = torch.cat([history, new[:, None]], dim=1)
+        new, out = rows.step(logits)
         yield out
-        if all(finished):
+        if rows.all_finished:
             return
-
 
 def generate_seq2seq_ids(model: torch.nn.Module, input_ids_list: Sequence[Sequence[int]],
                          params: SamplingParams | None = None, **kwargs) -> list[list[int]]:
